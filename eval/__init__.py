@@ -1,0 +1,1 @@
+"""prompt_cdm's evaluation package: TIFA, FID, backbone quality, benchmarks."""

@@ -1,0 +1,258 @@
+"""Pretraining recipe of the tiny backbone on the shapes world's base domain.
+
+Stage 1 trains the autoencoder on renders of *every* domain (it is the frozen image codec, like
+SD's VAE, and must represent what adapters will later learn). Stage 2 encodes base-domain
+renders once, then trains the UNet and the text encoder from scratch on the cached latents
+(epsilon prediction, min-SNR weighting, 10% caption dropout for classifier-free guidance, EMA).
+Both stages checkpoint to safetensors and resume after a kill; batches are drawn from a
+generator seeded by (seed, step), so a resumed run sees the same data as an uninterrupted one.
+
+    prompt-cdm backbone pretrain recipes/tiny_backbone.toml [--set unet.steps=8000]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .io import write_json
+
+
+@dataclass
+class VAEStage:
+    steps: int = 600  # ~30 dB PSNR on renders after a few hundred batch-32 steps
+    batch_size: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-6  # SD's VAE uses a tiny KL so latents stay near-deterministic
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("vae.steps >= 0, vae.batch_size >= 1 and vae.lr > 0 are required")
+
+
+@dataclass
+class UNetStage:
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    n_images: int = 40000  # base-domain renders encoded once
+    cond_dropout: float = 0.1  # captions replaced by "" so CFG has an unconditional model
+    min_snr_gamma: float = 5.0  # Hang et al. 2023: faster convergence
+    ema_decay: float = 0.999
+    seed: int = 0
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
+
+    def __post_init__(self):
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError("unet.cond_dropout must be in [0, 1)")
+        if self.steps < 0 or self.batch_size < 1 or self.n_images < self.batch_size:
+            raise ValueError("unet.steps >= 0 and unet.n_images >= unet.batch_size are required")
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/backbone"
+    domain: str = "base"
+    threads: int = 0  # torch threads; 0 = torch's default
+    checkpoint_every: int = 200
+    vae: VAEStage = field(default_factory=VAEStage)
+    unet: UNetStage = field(default_factory=UNetStage)
+
+
+def _to_tensor(images) -> torch.Tensor:
+    """PIL images -> [N x 3 x 64 x 64] in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _vae_batch(step: int, cfg: VAEStage) -> torch.Tensor:
+    from .world.dataset import example, item_seed
+    from .world.domains import DOMAINS
+
+    names = list(DOMAINS)
+    rng = np.random.default_rng([cfg.seed, step])
+    ims = []
+    for i in range(cfg.batch_size):
+        d = names[int(rng.integers(len(names)))]
+        ims.append(example(d, item_seed(d, 7_000_000 + cfg.seed, step * cfg.batch_size + i)).image)
+    return _to_tensor(ims)
+
+
+def train_vae(cfg: PretrainConfig, pipe) -> None:
+    vae, st = pipe.vae, cfg.vae
+    folder = Path(cfg.out) / "vae_ckpt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=st.lr, weight_decay=0.0)
+    start = 0
+    if checkpoint.exists(folder):
+        start = checkpoint.load(folder, {"vae": vae}, opt)["step"]
+    vae.train().requires_grad_(True)
+    log = open(Path(cfg.out) / "vae_log.jsonl", "a")
+    bar = tqdm(range(start, st.steps), desc="pretrain vae", initial=start, total=st.steps)
+    for step in bar:
+        x = _vae_batch(step, st)
+        post = vae.encode(x).latent_dist
+        # decode the mean: with KL weight ~1e-6, decoding samples spends hundreds of steps only
+        # shrinking the initial unit posterior variance; the UNet stage trains on the means too
+        rec = vae.decode(post.mode()).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + st.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+        bar.set_postfix(psnr=f"{psnr:.1f}")
+        log.write(json.dumps({"step": step + 1, "loss": loss.item(), "psnr": psnr}) + "\n")
+        log.flush()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == st.steps:
+            checkpoint.save(folder, {"vae": vae}, opt, {"step": step + 1})
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(pipe, domain: str, n: int, seed: int, batch: int = 256) -> tuple[torch.Tensor, list[str]]:
+    """Render n examples, return ([n x 8 x 16 x 16] latent mean+logvar, captions)."""
+    from .world.dataset import examples
+
+    exs = examples(domain, n, seed=seed, progress=True)
+    moments = []
+    for i in tqdm(range(0, n, batch), desc="encode latents"):
+        x = _to_tensor([e.image for e in exs[i : i + batch]])
+        moments.append(pipe.vae.encode(x).latent_dist.parameters)
+    return torch.cat(moments), [e.caption for e in exs]
+
+
+def _latent_cache(cfg: PretrainConfig, pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached (moments, token ids) of the UNet stage's training set, built once."""
+    from safetensors.torch import load_file
+
+    from .io import save_safetensors
+
+    path = Path(cfg.out) / "latents.safetensors"
+    if path.exists():
+        t = load_file(str(path))
+        return t["moments"], t["input_ids"]
+    moments, captions = encode_dataset(pipe, cfg.domain, cfg.unet.n_images, cfg.unet.seed)
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    save_safetensors(path, {"moments": moments, "input_ids": ids})
+    return moments, ids
+
+
+def _sample_latents(moments: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The posterior mean (the autoencoder is trained to decode means, see train_vae)."""
+    return moments.chunk(2, dim=1)[0]
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def train_unet(cfg: PretrainConfig, pipe) -> None:
+    from diffusers import DDPMScheduler
+
+    from .backbone import TINY_SCHEDULER
+
+    st = cfg.unet
+    moments, ids = _latent_cache(cfg, pipe)
+    # scale latents to unit variance, as SD does with its 0.18215
+    meta_path = Path(cfg.out) / "latent_scale.json"
+    if not meta_path.exists():
+        lat = _sample_latents(moments[:4096], torch.Generator().manual_seed(0))
+        write_json(meta_path, {"scaling_factor": float(1.0 / lat.std())})
+    scale = json.loads(meta_path.read_text())["scaling_factor"]
+    pipe.vae.register_to_config(scaling_factor=scale)
+
+    unet, text = pipe.unet, pipe.text_encoder
+    unet.train().requires_grad_(True)
+    text.train().requires_grad_(True)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=1e-2)
+    folder = Path(cfg.out) / "unet_ckpt"
+    start = 0
+    mods = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
+    if checkpoint.exists(folder):
+        start = checkpoint.load(folder, mods, opt)["step"]
+    sched = DDPMScheduler(**TINY_SCHEDULER)
+    acp = sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    empty = pipe.tokenizer([""], padding="max_length", max_length=ids.shape[1], return_tensors="pt").input_ids[0]
+    log = open(Path(cfg.out) / "unet_log.jsonl", "a")
+    t0 = time.time()
+    bar = tqdm(range(start, st.steps), desc="pretrain unet", initial=start, total=st.steps)
+    for step in bar:
+        gen = torch.Generator().manual_seed(st.seed * 1_000_003 + step)
+        idx = torch.randint(0, moments.shape[0], (st.batch_size,), generator=gen)
+        x0 = _sample_latents(moments[idx], gen) * scale
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (st.batch_size,), generator=gen)
+        drop = torch.rand(st.batch_size, generator=gen) < st.cond_dropout
+        tok = torch.where(drop[:, None], empty[None], ids[idx])
+        xt = sched.add_noise(x0, noise, t)
+        enc = text(tok)[0]
+        pred = unet(xt, t, enc).sample
+        w = torch.clamp(snr[t], max=st.min_snr_gamma) / snr[t]  # min-SNR-gamma for eps-prediction
+        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        lr = st.lr * min(1.0, (step + 1) / max(1, st.warmup))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(st.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text, decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr, "time": time.time()}) + "\n")
+        log.flush()
+        done = step + 1 == st.steps
+        out_of_time = st.max_minutes > 0 and (time.time() - t0) / 60 > st.max_minutes
+        if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
+            checkpoint.save(folder, mods, opt, {"step": step + 1})
+            export_weights(cfg, pipe, ema_unet, ema_text)
+        if out_of_time:
+            print(f"stopped after {st.max_minutes} min at step {step + 1}; run again to resume")
+            break
+    unet.load_state_dict(ema_unet.state_dict())
+    text.load_state_dict(ema_text.state_dict())
+    unet.eval().requires_grad_(False)
+    text.eval().requires_grad_(False)
+
+
+def export_weights(cfg: PretrainConfig, pipe, ema_unet, ema_text) -> Path:
+    """Write the EMA weights as the tiny backbone's weight folder under `out/weights`."""
+    from .backbone import save_tiny_weights
+
+    shadow = copy.copy(pipe)
+    shadow.unet, shadow.text_encoder = ema_unet, ema_text
+    out = Path(cfg.out) / "weights"
+    save_tiny_weights(shadow, out)
+    return out
+
+
+def pretrain(cfg: PretrainConfig):
+    """Run both stages (each resumes from its checkpoint); return the trained pipeline."""
+    from .backbone import build_tiny
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(cfg.out) / "config.json", __import__("prompt_cdm.config", fromlist=["to_dict"]).to_dict(cfg))
+    pipe = build_tiny(seed=cfg.unet.seed)
+    train_vae(cfg, pipe)
+    train_unet(cfg, pipe)
+    return pipe

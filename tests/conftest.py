@@ -1,0 +1,18 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def random_tiny():
+    """The tiny pipeline with random weights (seeded): fast and independent of shipped weights."""
+    from prompt_cdm.backbone import build_tiny, freeze
+
+    return freeze(build_tiny(seed=0))
+
+
