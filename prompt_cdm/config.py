@@ -167,8 +167,9 @@ def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
         for i, p in enumerate(parts):
             names = [f.name for f in dataclasses.fields(cls)]
             if p not in names:
-                where = ".".join(parts[:i]) or "the top level"
-                raise ConfigError(f"unknown config key {key!r}: {p!r} is not in {where}; valid: {', '.join(names)}")
+                where = ".".join(parts[:i])
+                valid = ", ".join(f"{where}.{n}" if where else n for n in names)
+                raise ConfigError(f"unknown config key {key!r}; valid keys here: {valid}")
             if i == len(parts) - 1:
                 node[p] = _parse_value(text.strip())
             else:

@@ -1,0 +1,30 @@
+import math
+
+import pytest
+import torch
+
+from eval.fid import frechet_distance
+from eval.tifa import score
+
+
+def test_tifa_mean_per_caption_then_over_captions():
+    recs = [
+        {"caption_id": "a", "caption": "x", "question": "q", "choices": ["yes", "no"], "answer": "yes", "element_type": "object"},
+        {"caption_id": "a", "caption": "x", "question": "q", "choices": ["yes", "no"], "answer": "no", "element_type": "color"},
+        {"caption_id": "b", "caption": "y", "question": "q", "choices": ["yes", "no"], "answer": "yes", "element_type": "object"},
+    ]
+    r = score(recs, ["yes", "yes", "yes"])
+    assert r["score"] == pytest.approx((0.5 + 1.0) / 2)
+    assert r["by_type"] == {"color": 0.0, "object": 1.0}
+    with pytest.raises(ValueError):
+        score(recs, ["yes"])
+
+
+def test_fid_zero_for_same_and_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    b = a * 2 + 1  # mu_b = 2 mu_a + 1, S_b = 4 S_a: FID = |mu_a + 1|^2 + tr(S_a + 4 S_a - 2 * 2 S_a)
+    expected = (a.mean(0) + 1).square().sum() + torch.trace(torch.cov(a.T))
+    assert frechet_distance(a, b) == pytest.approx(float(expected), rel=1e-6)
+    assert math.isfinite(frechet_distance(torch.randn(10, 50), torch.randn(12, 50)))
