@@ -27,8 +27,8 @@ class JudgeTrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
-    vae_recon: float = 0.5  # fraction of each batch replaced by VAE reconstructions (needs a backbone)
-    backbone: str = ""  # a backbone name/folder whose VAE makes reconstructions; "" = none
+    vae_recon: float = 0.5  # fraction of each batch replaced by VAE reconstructions (needs `vae`)
+    vae: str = ""  # 'tiny', a pipeline folder or an AutoencoderKL folder whose VAE reconstructs; "" = none
     eval_per_domain: int = 300
     model: JudgeConfig = field(default_factory=JudgeConfig)
 
@@ -91,16 +91,27 @@ def evaluate(judge: Judge, n_per_domain: int = 300, seed: int = 0, vae=None) -> 
     return res
 
 
+def _load_vae(name: str):
+    """An AutoencoderKL from 'tiny', a pipeline folder (its vae/) or an AutoencoderKL folder."""
+    if name == "tiny" or (Path(name) / "model_index.json").exists():
+        from ..backbone import load
+
+        return load(name).vae
+    from diffusers import AutoencoderKL
+
+    folder = Path(name)
+    folder = folder / "vae" if (folder / "vae" / "config.json").exists() else folder
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"no AutoencoderKL at {name}; pass 'tiny', a pipeline folder or a VAE folder")
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True).eval()
+
+
 def train_judge(cfg: JudgeTrainConfig) -> tuple[Judge, dict]:
     from .. import checkpoint
 
     torch.manual_seed(cfg.seed)
     net = JudgeNet(cfg.model)
-    vae = None
-    if cfg.backbone and cfg.vae_recon > 0:
-        from ..backbone import load
-
-        vae = load(cfg.backbone).vae
+    vae = _load_vae(cfg.vae) if cfg.vae and cfg.vae_recon > 0 else None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     folder = Path(cfg.out) / "ckpt"
     start = checkpoint.load(folder, {"judge": net}, opt)["step"] if checkpoint.exists(folder) else 0
