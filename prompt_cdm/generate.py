@@ -17,7 +17,11 @@ from .sampling import sample
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """[N x 77 x D] text-encoder hidden states, tokenized as StableDiffusionPipeline does."""
+    """[N x 77 x D] text-encoder hidden states, tokenized as StableDiffusionPipeline does
+    (multi-vector soft-prompt placeholders expanded first, as its `maybe_convert_prompt` does)."""
+    from .adapters.soft_prompt import expand_prompts
+
+    prompts = expand_prompts(pipe.tokenizer, prompts)
     tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
     return pipe.text_encoder(tok.input_ids.to(pipe.unet.device))[0]
@@ -44,19 +48,30 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
+def decode_float(pipe, latents: torch.Tensor) -> np.ndarray:
+    """[N x H x W x 3] float32 images in [0, 1], as diffusers' `output_type="np"`."""
+    x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+
+
+@torch.no_grad()
 def text_to_image(pipe, prompts: list[str], steps: int = 25, guidance_scale: float = 5.0, seed: int = 0,
-                  batch_size: int = 64, progress: bool = False) -> list[Image.Image]:
+                  batch_size: int = 64, progress: bool = False, output_type: str = "pil"):
     """Generate one image per prompt with diffusers' seeding semantics.
 
     Each batch of prompts draws its initial noise and then the sampler's noise from one
     `torch.Generator(seed + first index)`, exactly as `StableDiffusionPipeline(prompts,
-    generator=...)` does, so a batch here equals that diffusers call image for image."""
+    generator=...)` does, so a batch here equals that diffusers call image for image.
+    `output_type`: "pil" (list of uint8 PIL images), "np" ([N x H x W x 3] float32 in [0, 1],
+    diffusers' "np") or "latent" ([N x C x h x w] x_0 latents)."""
+    if output_type not in ("pil", "np", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
     from tqdm.auto import tqdm
 
     unet = pipe.unet
     c, size = unet.config.in_channels, unet.config.sample_size
     uncond = encode_prompts(pipe, [""])
-    images: list[Image.Image] = []
+    images: list = []
     for s in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
         chunk = prompts[s : s + batch_size]
         cond = encode_prompts(pipe, chunk)
@@ -64,8 +79,14 @@ def text_to_image(pipe, prompts: list[str], steps: int = 25, guidance_scale: flo
         noise = torch.randn(len(chunk), c, size, size, generator=gen)
         denoise = guided_denoiser(unet, cond, uncond.expand(len(chunk), -1, -1), guidance_scale)
         sched = copy.deepcopy(pipe.scheduler)
-        images += decode(pipe, sample(denoise, sched, noise, steps, generator=gen))
-    return images
+        latents = sample(denoise, sched, noise, steps, generator=gen)
+        if output_type == "pil":
+            images += decode(pipe, latents)
+        else:
+            images.append(latents if output_type == "latent" else decode_float(pipe, latents))
+    if output_type == "latent":
+        return torch.cat(images)
+    return images if output_type == "pil" else np.concatenate(images)
 
 
 def grid(images: list[Image.Image], cols: int = 8, scale: int = 2, pad: int = 2) -> Image.Image:

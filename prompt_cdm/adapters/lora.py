@@ -1,0 +1,320 @@
+"""LoRA adapters (Hu et al. 2021) on the frozen backbone, injected with peft as *named* adapters.
+
+One source = one adapter name. The UNet's attention projections (`to_q`, `to_k`, `to_v`,
+`to_out.0`) get low-rank updates W + (alpha/r) B A, optionally also the text encoder's
+(`q_proj`, `k_proj`, `v_proj`, `out_proj`). Several named adapters coexist in the same peft
+layers, so the composed denoiser can route rows of one batch to different adapters (peft's
+mixed-batch `adapter_names` path).
+
+Our key format ("own" format, `adapter_model.safetensors`) is peft's state-dict keys with the
+component as prefix: `unet.<module>.lora_A.weight` [r x in], `unet.<module>.lora_B.weight`
+[out x r], `text_encoder.<module>.lora_{A,B}.weight`. `diffusers_state_dict` converts to the
+keys `pipe.load_lora_weights` reads.
+
+peft's functional API (`peft.functional`) injects into both models. transformers>=5.24's own
+`text_encoder.add_adapter` / `load_adapter` refuse peft<0.22, so we do not go through them.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import AdapterError
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+COMPONENTS = ("unet", "text_encoder")
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # peft adapter names are ModuleDict keys: no dots
+
+
+class LoraError(AdapterError):
+    """A LoRA adapter does not fit the pipeline (or its name is taken); the message says the fix."""
+
+
+@dataclass
+class LoraAdapterConfig:
+    """Hyper-parameters of one LoRA adapter (they go to adapter_config.json under `params`)."""
+
+    # rank 4: the tiny UNet's attention is 64-128 wide; SD-scale recipes use 4-16
+    rank: int = field(default=4, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=4.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"})
+    unet_targets: tuple[str, ...] = field(default=UNET_TARGETS, metadata={"help": "UNet module-name suffixes"})
+    text_encoder: bool = field(default=False, metadata={"help": "also adapt the text encoder"})
+    text_targets: tuple[str, ...] = field(default=TEXT_TARGETS, metadata={"help": "text-encoder module-name suffixes"})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (training only)"})
+
+    def __post_init__(self):
+        self.unet_targets = tuple(self.unet_targets)
+        self.text_targets = tuple(self.text_targets)
+        if not 1 <= self.rank <= 1024:
+            raise ValueError(f"lora rank must be in 1..1024, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        if not self.unet_targets:
+            raise ValueError("lora unet_targets must name at least one module (e.g. to_q)")
+        if self.text_encoder and not self.text_targets:
+            raise ValueError("lora text_targets must name at least one module when text_encoder = true")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def peft_config(self, component: str):
+        """The `peft.LoraConfig` for 'unet' or 'text_encoder'."""
+        from peft import LoraConfig
+
+        targets = self.unet_targets if component == "unet" else self.text_targets
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(targets),
+                          lora_dropout=self.dropout, init_lora_weights=True)
+
+    def components(self) -> tuple[str, ...]:
+        return COMPONENTS if self.text_encoder else ("unet",)
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter's data: config + tensors in our key format. Not tied to a pipeline."""
+
+    config: LoraAdapterConfig
+    tensors: dict[str, torch.Tensor]
+
+    def __post_init__(self):
+        bad = [k for k in self.tensors if k.split(".", 1)[0] not in self.config.components()]
+        if bad:
+            raise LoraError(f"LoRA tensor key {bad[0]!r} must start with one of {', '.join(self.config.components())}.")
+
+    def component_state_dict(self, component: str) -> dict[str, torch.Tensor]:
+        """peft-format keys of one component (prefix stripped)."""
+        p = component + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+    def diffusers_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{'unet': ..., 'text_encoder': ...} in diffusers' key format (no component prefix yet)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        out = {}
+        for c in self.config.components():
+            sd = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in self.component_state_dict(c).items()}
+            out[c] = convert_state_dict_to_diffusers(sd)
+        return out
+
+    def diffusers_metadata(self) -> dict[str, dict]:
+        """LoRA adapter metadata (peft LoraConfig dicts) that makes diffusers reproduce rank and alpha."""
+        out = {}
+        for c in self.config.components():
+            d = self.config.peft_config(c).to_dict()
+            out[c] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
+        return out
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def _targets(model, peft_cfg) -> dict[str, tuple[int, int]]:
+    """{module name: (in, out)} of the modules peft would adapt (plain or already-wrapped Linear)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    out = {}
+    for name, m in model.named_modules():
+        if not name or not check_target_module_exists(peft_cfg, name):
+            continue
+        if isinstance(m, (torch.nn.Linear, LoraLayer)):
+            out[name] = (m.in_features, m.out_features)
+    return out
+
+
+def expected_shapes(pipe, config: LoraAdapterConfig) -> dict[str, tuple[int, ...]]:
+    """{our key: shape} a LoRA with `config` must have on this pipeline. Touches nothing."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for c in config.components():
+        found = _targets(getattr(pipe, c), config.peft_config(c))
+        if not found:
+            targets = config.unet_targets if c == "unet" else config.text_targets
+            raise LoraError(f"no {c} module matches the LoRA targets {list(targets)}")
+        for name, (fan_in, fan_out) in found.items():
+            shapes[f"{c}.{name}.lora_A.weight"] = (config.rank, fan_in)
+            shapes[f"{c}.{name}.lora_B.weight"] = (fan_out, config.rank)
+    return shapes
+
+
+def check_name(name: str) -> None:
+    if not _NAME.match(name or ""):
+        raise LoraError(f"LoRA adapter name {name!r} must be letters, digits, '_' or '-' (peft names cannot hold dots)")
+
+
+def names(pipe) -> list[str]:
+    """Names of the LoRA adapters injected into the pipeline's UNet."""
+    return list(getattr(pipe.unet, "peft_config", {}) or {})
+
+
+def check_fits(pipe, adapter: LoraAdapter, name: str) -> None:
+    """Raise LoraError unless `adapter` can be applied to `pipe` under `name`; touches nothing."""
+    check_name(name)
+    for c in COMPONENTS:
+        if name in (getattr(getattr(pipe, c), "peft_config", {}) or {}):
+            raise LoraError(f"a LoRA adapter named {name!r} is already on the {c}; "
+                            "remove it first or pick another name")
+    want = expected_shapes(pipe, adapter.config)
+    have = {k: tuple(v.shape) for k, v in adapter.tensors.items()}
+    missing = sorted(set(want) - set(have))
+    unknown = sorted(set(have) - set(want))
+    if missing:
+        raise LoraError(f"LoRA weights lack {len(missing)} tensors the config implies, e.g. {missing[0]}")
+    if unknown:
+        raise LoraError(f"LoRA weights hold {len(unknown)} tensors this pipeline has no place for, e.g. {unknown[0]}")
+    for k, shape in want.items():
+        if have[k] != shape:
+            rank_note = ""
+            if k.endswith("lora_A.weight") and have[k][1:] == shape[1:]:
+                rank_note = f" (rank {have[k][0]} in the file, rank {adapter.config.rank} in the config)"
+            elif k.endswith("lora_B.weight") and have[k][:1] == shape[:1]:
+                rank_note = f" (rank {have[k][1]} in the file, rank {adapter.config.rank} in the config)"
+            raise LoraError(f"LoRA tensor {k} has shape {list(have[k])}, expected {list(shape)}{rank_note}")
+    for k, v in adapter.tensors.items():
+        if not v.is_floating_point() or not torch.isfinite(v).all():
+            raise LoraError(f"LoRA tensor {k} is not a finite floating-point tensor")
+
+
+# ---------------------------------------------------------------- create / apply / remove
+
+
+def create(pipe, config: LoraAdapterConfig, generator: torch.Generator | None = None) -> LoraAdapter:
+    """A fresh LoRA for `pipe` with peft's initialisation (A Kaiming-uniform, B zero: the update starts at 0)."""
+    tensors = {}
+    for k, shape in expected_shapes(pipe, config).items():
+        t = torch.zeros(shape)
+        if k.endswith("lora_A.weight"):
+            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+        tensors[k] = t
+    return LoraAdapter(config, tensors)
+
+
+def _set_flag(model, loaded: bool) -> None:
+    # diffusers' ModelMixin helpers (unet.set_adapters, disable_adapters) look at this flag; transformers'
+    # twin would only lead to its peft>=0.22 check, so the text encoder's flag stays untouched
+    if type(model).__module__.startswith("diffusers"):
+        model._hf_peft_config_loaded = loaded
+
+
+def apply(pipe, adapter: LoraAdapter, name: str) -> None:
+    """Inject `adapter` as peft adapter `name` (UNet, and text encoder if configured); make it the active one.
+
+    Validates first; on any failure the pipeline is left as it was."""
+    from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+
+    check_fits(pipe, adapter, name)
+    before = active(pipe)
+    done = []
+    try:
+        for c in adapter.config.components():
+            model = getattr(pipe, c)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                inject_adapter_in_model(adapter.config.peft_config(c), model, adapter_name=name)
+            done.append(c)
+            _set_flag(model, True)
+            sd = adapter.component_state_dict(c)
+            res = set_peft_model_state_dict(model, sd, adapter_name=name)
+            if getattr(res, "unexpected_keys", None):
+                raise LoraError(f"peft did not place LoRA tensors {res.unexpected_keys[:3]} on the {c}")
+        set_active(pipe, [name])
+    except BaseException:
+        for c in done:
+            _remove_from(getattr(pipe, c), name)
+        set_active(pipe, before)
+        raise
+
+
+def set_active(pipe, active: list[str]) -> None:
+    """Make exactly the adapters `active` participate in forward passes (frozen: inference mode)."""
+    from peft.functional import set_adapter
+
+    for c in COMPONENTS:
+        model = getattr(pipe, c)
+        if getattr(model, "peft_config", None):
+            set_adapter(model, list(active), inference_mode=True)
+
+
+def active(pipe) -> list[str]:
+    """The LoRA adapters that take part in the UNet's forward passes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in pipe.unet.modules():
+        if isinstance(m, BaseTunerLayer):
+            return list(m.active_adapters)
+    return []
+
+
+def trainable_parameters(pipe, name: str) -> list[torch.nn.Parameter]:
+    """Turn on gradients for adapter `name` only and return its parameters (for the optimizer)."""
+    params = []
+    for c in COMPONENTS:
+        model = getattr(pipe, c)
+        for pname, p in model.named_parameters():
+            own = ".lora_" in pname and f".{name}." in pname
+            if own:
+                p.requires_grad_(True)
+                params.append(p)
+    if not params:
+        raise LoraError(f"no LoRA adapter named {name!r} on this pipeline (have: {names(pipe)})")
+    return params
+
+
+def read_back(pipe, name: str, config: LoraAdapterConfig | None = None) -> LoraAdapter:
+    """The current weights of applied adapter `name` (e.g. after training) as a LoraAdapter."""
+    from peft.functional import get_peft_model_state_dict
+
+    if name not in names(pipe):
+        raise LoraError(f"no LoRA adapter named {name!r} on this pipeline (have: {names(pipe)})")
+    if config is None:
+        pc = pipe.unet.peft_config[name]
+        tpc = (getattr(pipe.text_encoder, "peft_config", {}) or {}).get(name)
+        config = LoraAdapterConfig(rank=pc.r, alpha=float(pc.lora_alpha), dropout=pc.lora_dropout,
+                                   unet_targets=tuple(sorted(pc.target_modules)), text_encoder=tpc is not None,
+                                   text_targets=tuple(sorted(tpc.target_modules)) if tpc else TEXT_TARGETS)
+    tensors = {}
+    for c in config.components():
+        sd = get_peft_model_state_dict(getattr(pipe, c), adapter_name=name)
+        tensors.update({f"{c}.{k}": v.detach().to(torch.float32).cpu().clone() for k, v in sd.items()})
+    return LoraAdapter(config, tensors)
+
+
+def _remove_from(model, name: str) -> None:
+    from peft.functional import delete_adapter
+
+    cfgs = getattr(model, "peft_config", None)
+    if not cfgs or name not in cfgs:
+        return
+    with warnings.catch_warnings():
+        # peft activates some other adapter when the active one goes; remove() sets the active set itself
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        delete_adapter(model, adapter_name=name, prefix="lora_")
+    cfgs.pop(name, None)
+    if not cfgs:
+        # last adapter gone: unwrap the peft layers so the model is the plain backbone again
+        from diffusers.utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(model)
+        del model.peft_config
+        _set_flag(model, False)
+
+
+def remove(pipe, name: str) -> LoraAdapter:
+    """Delete adapter `name` from the UNet and text encoder; return its weights.
+
+    The other adapters keep their active/inactive state (none is switched on in its place; with
+    no active adapter left the pipeline acts as the bare backbone). When the last adapter goes,
+    the peft wrappers go too: module tree and state dict are the backbone's again."""
+    adapter = read_back(pipe, name)
+    still_active = [a for a in active(pipe) if a != name]
+    for c in COMPONENTS:
+        _remove_from(getattr(pipe, c), name)
+    set_active(pipe, still_active)
+    return adapter
