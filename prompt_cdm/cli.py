@@ -124,6 +124,406 @@ def cmd_demo(a) -> None:
     print(f"report -> {report}")
 
 
+# ---------------------------------------------------------------- compose: generate, registry, router
+
+
+def _load_backbone_quietly(name: str):
+    """backbone.load without the libraries' progress bars and dtype notices on stderr (errors stay one line)."""
+    import warnings
+
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    from .backbone import load
+
+    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    for m, _, _ in saved:
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename notice
+            return load(name)
+    finally:
+        for m, level, bar in saved:
+            m.set_verbosity(level)
+            if bar:
+                m.enable_progress_bar()
+
+
+def _read_prompts(a) -> list[str]:
+    if (a.prompt is None) == (a.prompts is None):
+        raise UsageError("give exactly one of --prompt TEXT or --prompts FILE")
+    if a.prompt is not None:
+        return [a.prompt]
+    path = Path(a.prompts)
+    if not path.is_file():
+        raise UsageError(f"prompts file {path} does not exist (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompts file {path} holds no prompt (one prompt per line)")
+    return prompts
+
+
+def cmd_generate(a) -> None:
+    from .compose import (SPARSE_EPS, SPARSE_WARMUP, UNCOND_MODES, compose_images, load_sources, make_estimator,
+                          make_scheduler, parse_weights)
+    from .estimators import ESTIMATORS
+    from .generate import grid
+    from .io import save_image, write_json
+    from .registry import Registry
+
+    prompts = _read_prompts(a)
+    if a.router not in ESTIMATORS:
+        raise UsageError(f"unknown router {a.router!r}; valid: {', '.join(sorted(ESTIMATORS))}")
+    if a.uncond is not None and a.uncond not in UNCOND_MODES:
+        raise UsageError(f"--uncond must be one of {', '.join(UNCOND_MODES)}, got {a.uncond!r}")
+    if bool(a.adapter) == bool(a.registry):
+        raise UsageError("give --adapter DIR (repeatable) or --registry DIR, not both")
+    trace_png = Path(a.trace).with_suffix(".png") if a.trace else None
+    if trace_png is not None and trace_png == Path(a.trace):
+        raise UsageError(f"--trace {a.trace}: give a .json path (the plot goes beside it as .png)")
+    reg = Registry(a.registry) if a.registry else None
+    names = None
+    if reg is not None:
+        names = reg.resolve(a.sources.split(",") if a.sources else None, a.policy)
+    elif a.sources or a.policy:
+        raise UsageError("--sources and --policy select from a registry: pass --registry DIR")
+    pipe = _load_backbone_quietly(a.backbone or (reg.backbone["name"] if reg else "tiny"))
+    sched = make_scheduler(pipe, a.scheduler)
+    sources, _ = load_sources(pipe, a.adapter, reg, names)
+    src_names = [s.name for s in sources]
+    est, ctx = make_estimator(a.router, src_names, parse_weights(a.weights, src_names), scheduler=sched,
+                              registry=reg)
+    uncond = a.uncond or ("per-source" if len(sources) == 1 else "shared")
+    res = compose_images(pipe, sources, prompts, est, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
+                         scheduler=sched, uncond=uncond, sparse_eps=SPARSE_EPS if a.sparse else 0.0,
+                         warmup_frac=SPARSE_WARMUP if a.sparse else 0.0, router_context=ctx)
+    images = res.images
+    save_image(a.out, images[0] if len(images) == 1 else grid(images, cols=min(8, len(images))))
+    print(f"{len(images)} image(s) from {', '.join(src_names)} ({a.router}, uncond {uncond}) -> {a.out}")
+    if a.trace:
+        from .plots import plot_traces
+
+        traces = [dict(res.trace_json(src_names, k), prompt=p) for k, p in enumerate(prompts)]
+        data = dict(traces[0], **({"images": traces} if len(traces) > 1 else {}))
+        write_json(a.trace, data)
+        plot_traces(traces, trace_png)
+        print(f"trace -> {a.trace}, plot -> {trace_png}")
+
+
+def cmd_registry_init(a) -> None:
+    from .registry import Registry
+
+    pipe = _load_backbone_quietly(a.backbone)
+    reg = Registry.create(a.registry, a.backbone, pipe.backbone_fingerprint)
+    print(f"registry {reg.folder} for backbone {a.backbone} ({pipe.backbone_fingerprint})")
+
+
+def cmd_registry_add(a) -> None:
+    from .registry import Registry
+
+    entry = Registry(a.registry).add(a.name, a.adapter_dir, manifest=a.manifest)
+    print(f"added {a.name} ({entry['kind']}) -> {Path(a.registry) / entry['adapter']}")
+
+
+def cmd_registry_list(a) -> None:
+    from .registry import Registry
+
+    reg = Registry(a.registry)
+    print(json.dumps({"backbone": reg.backbone, "sources": reg.summary(), "policies": reg.policies,
+                      "routers": reg.routers}, indent=1))
+
+
+def cmd_registry_verify(a) -> None:
+    from .registry import Registry, RegistryError
+
+    reg = Registry(a.registry)
+    problems = reg.verify()
+    for p in problems:
+        print(p)
+    if problems:
+        raise RegistryError(f"{a.registry}: {len(problems)} problem(s), first: {problems[0]}")
+    print(f"ok: {len(reg.sources)} source(s), {len(reg.routers)} router(s), "
+          f"{len(reg.data['forgotten'])} forgotten source(s) verified gone")
+
+
+def cmd_registry_forget(a) -> None:
+    from dataclasses import asdict
+
+    from .registry import Registry
+
+    print(json.dumps(asdict(Registry(a.registry).forget(a.name)), indent=1))
+
+
+def cmd_registry_policy(a) -> None:
+    from .registry import Registry
+
+    reg = Registry(a.registry)
+    if a.action == "set":
+        if not a.name or not a.sources:
+            raise UsageError("registry policy set NAME a,b,...")
+        print(f"policy {a.name}: {', '.join(reg.set_policy(a.name, a.sources.split(',')))}")
+    elif a.action == "rm":
+        if not a.name:
+            raise UsageError("registry policy rm NAME")
+        reg.remove_policy(a.name)
+        print(f"removed policy {a.name}")
+    elif a.action == "list":
+        print(json.dumps(reg.policies, indent=1))
+    else:
+        raise UsageError(f"unknown policy action {a.action!r}; valid: set, rm, list")
+
+
+def cmd_router_cache(a) -> None:
+    from .registry import Registry
+    from .routers import cache_latents
+
+    if (a.source is None) == (not a.reference):
+        raise UsageError("give --source NAME (a source's data) or --reference (the public reference set)")
+    reg = Registry(a.registry)
+    if a.source is not None:
+        reg.source(a.source)
+    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"])
+    print(f"cached -> {reg.folder / cache_latents(reg, a.source, pipe, a.data)}")
+
+
+def cmd_router_train(a) -> None:
+    from .registry import Registry
+    from .routers import TrainConfig, train_router
+
+    reg = Registry(a.registry)
+    if a.kind not in ("classifier", "ratio"):
+        raise UsageError(f"--kind must be classifier or ratio, got {a.kind!r}")
+    try:
+        cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, use_context=not a.no_context, seed=a.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    names = reg.resolve(a.sources.split(",") if a.sources else None)
+    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"])
+    if pipe.backbone_fingerprint != reg.backbone["fingerprint"]:
+        raise UsageError(f"--backbone is not the registry's backbone ({reg.backbone['name']})")
+    print(json.dumps(train_router(reg, a.kind, pipe.scheduler.alphas_cumprod, cfg, names), indent=1))
+
+
+def _add_compose_parsers(sub) -> None:
+    g = sub.add_parser("generate", help="compose sources' adapters on the frozen backbone (CDM) and generate")
+    g.add_argument("--backbone", default=None, help="'tiny', an SD folder or a hub id (default: the registry's, "
+                   "else tiny)")
+    g.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="an adapter folder to compose (repeatable)")
+    g.add_argument("--registry", default=None, metavar="DIR", help="compose sources of this registry")
+    g.add_argument("--prompt", default=None, help="one prompt -> one image")
+    g.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line -> a grid image")
+    g.add_argument("--sources", default=None, metavar="A,B", help="registry sources to compose (default: all "
+                   "the policy allows)")
+    g.add_argument("--policy", default=None, help="registry access policy (the sources a caller may use)")
+    g.add_argument("--router", default="uniform", help="weight estimator: uniform, fixed, classifier, ratio, ito")
+    g.add_argument("--weights", default=None, metavar="A=0.5,B=0.5",
+                   help="mixing prior lambda per source (the mixture itself for --router fixed)")
+    g.add_argument("--sparse", action="store_true", help="sparse routing: drop low-weight sources after warm-up")
+    g.add_argument("--uncond", default=None, help="shared (frozen backbone, n+1 rows) or per-source (2n rows); "
+                   "default: per-source for one source (= plain diffusers with that adapter), else shared")
+    g.add_argument("--steps", type=int, default=25, help="sampling steps")
+    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (diffusers' generator semantics)")
+    g.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the backbone's)")
+    g.add_argument("--out", required=True, help="output image (PNG)")
+    g.add_argument("--trace", default=None, metavar="T.json", help="write the routing trace and its plot T.png")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("registry", help="the set of sources: add, list, verify, forget, access policies")
+    rs = r.add_subparsers(dest="registry_cmd", required=True)
+
+    def reg_arg(p):
+        p.add_argument("--registry", required=True, metavar="DIR", help="the registry folder")
+
+    ri = rs.add_parser("init", help="create an empty registry for a backbone")
+    reg_arg(ri)
+    ri.add_argument("--backbone", required=True, help="'tiny', an SD folder or a hub id")
+    ri.set_defaults(func=cmd_registry_init)
+    ra = rs.add_parser("add", help="copy an adapter folder in as a source (validated)")
+    ra.add_argument("name", help="the source's name in the registry")
+    ra.add_argument("adapter_dir", help="the adapter folder (save_adapter / train output)")
+    ra.add_argument("--manifest", default=None, help="the source's data manifest file, kept beside it")
+    reg_arg(ra)
+    ra.set_defaults(func=cmd_registry_add)
+    rl = rs.add_parser("list", help="print sources, policies and routers as JSON")
+    reg_arg(rl)
+    rl.set_defaults(func=cmd_registry_list)
+    rv = rs.add_parser("verify", help="check integrity and that forgotten sources are entirely gone")
+    reg_arg(rv)
+    rv.set_defaults(func=cmd_registry_verify)
+    rf = rs.add_parser("forget", help="delete a source and everything derived from its data")
+    rf.add_argument("name", help="the source to forget")
+    reg_arg(rf)
+    rf.set_defaults(func=cmd_registry_forget)
+    rp = rs.add_parser("policy", help="access policies: set NAME a,b | rm NAME | list")
+    rp.add_argument("action", help="set, rm or list")
+    rp.add_argument("name", nargs="?", default=None, help="policy name")
+    rp.add_argument("sources", nargs="?", default=None, help="comma-separated sources (set)")
+    reg_arg(rp)
+    rp.set_defaults(func=cmd_registry_policy)
+
+    ro = sub.add_parser("router", help="learned routers (classifier, ratio heads) for a registry")
+    rr = ro.add_subparsers(dest="router_cmd", required=True)
+    rc = rr.add_parser("cache", help="encode a source's imagefolder (or the reference set) to cached latents")
+    reg_arg(rc)
+    rc.add_argument("--source", default=None, help="the registry source whose data this is")
+    rc.add_argument("--reference", action="store_true", help="the public reference set of the ratio heads")
+    rc.add_argument("--data", required=True, metavar="DIR", help="imagefolder (images + metadata.jsonl)")
+    rc.add_argument("--backbone", default=None, help="default: the registry's backbone")
+    rc.set_defaults(func=cmd_router_cache)
+    rt = rr.add_parser("train", help="train the classifier (sees every source) or per-source ratio heads")
+    reg_arg(rt)
+    rt.add_argument("--kind", required=True, help="classifier or ratio")
+    rt.add_argument("--sources", default=None, metavar="A,B", help="default: every source")
+    rt.add_argument("--steps", type=int, default=400, help="optimizer steps (per head for ratio)")
+    rt.add_argument("--batch-size", type=int, default=64, help="noised latents per source per step")
+    rt.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    rt.add_argument("--no-context", action="store_true", help="do not read the caption embedding")
+    rt.add_argument("--seed", type=int, default=0, help="seed")
+    rt.add_argument("--backbone", default=None, help="default: the registry's backbone")
+    rt.set_defaults(func=cmd_router_train)
+
+
+# ---------------------------------------------------------------- train, train-all
+
+
+def _train_config(a):
+    from . import config
+    from .train import TrainConfig
+
+    if a.smoke and not a.recipe:
+        raise UsageError("--smoke merges a recipe's [smoke] section: pass --recipe recipes/adapter_train.toml too")
+    overrides = list(a.overrides)
+    if a.kind:
+        overrides.append(f'kind="{a.kind}"')
+    if a.steps is not None:
+        overrides.append(f"steps={a.steps}")
+    return config.load(TrainConfig, a.recipe, overrides, smoke=a.smoke)
+
+
+def _train_errors():
+    from .executors import ExecutorError
+    from .sources import SourceError
+    from .train import TrainError
+
+    return (SourceError, TrainError, ExecutorError)
+
+
+def cmd_train(a) -> None:
+    from .train import train
+
+    cfg = _train_config(a)
+    try:
+        r = train(a.backbone, a.source, cfg, a.out, source_id=a.source_id, overwrite=a.overwrite)
+    except _train_errors() as e:
+        raise UsageError(str(e)) from None
+    loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "n/a"
+    print(f"adapter -> {r.folder} (source {r.source_id}, {r.steps} steps, final loss {loss})")
+
+
+def cmd_train_all(a) -> None:
+    from .train import render_world_sources, train_all
+
+    cfg = _train_config(a)
+    options = {"cpus_per_job": a.cpus_per_job, "address": a.ray_address} if a.executor == "ray" else {}
+    try:
+        if a.world_domains:
+            sources = render_world_sources(a.world_domains, a.out, a.n_images, seed=a.world_seed)
+        else:
+            sources = a.sources
+        results = train_all(a.backbone, sources, cfg, a.out, executor=a.executor, **options)
+    except _train_errors() as e:
+        raise UsageError(str(e)) from None
+    for r in results:
+        what = "complete, skipped" if r.skipped else f"{r.steps} steps, final loss {r.final_loss:.4f}"
+        print(f"{r.source_id}: {r.folder} ({what})")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="tiny", help="'tiny', an SD pipeline folder or a hub id (frozen)")
+    p.add_argument("--kind", choices=["lora", "soft-prompt"], default=None,
+                   help="adapter kind (default: the recipe's `kind`, else lora)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--recipe", default=None, help="TOML recipe, e.g. recipes/adapter_train.toml "
+                   "(default: TrainConfig's defaults, which equal that recipe)")
+    p.add_argument("--smoke", action="store_true", help="merge the recipe's [smoke] section (a seconds-long run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lora.rank=8 (type-checked; repeatable)")
+
+
+def _add_train_parsers(sub) -> None:
+    t = sub.add_parser("train", help="train one source's adapter on the frozen backbone (resumable)")
+    t.add_argument("--source", action="append", required=True, metavar="DIR",
+                   help="an imagefolder (metadata.jsonl: file_name, text) or datasets:NAME[@SPLIT]; "
+                   "repeat for the union of several (the monolithic paragon)")
+    t.add_argument("--source-id", default=None, help="the source id (default: the folder name; 'paragon' for a union)")
+    t.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="the adapter folder to write")
+    t.add_argument("--overwrite", action="store_true", help="retrain from scratch and replace a finished adapter")
+    _add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    ta = sub.add_parser("train-all", help="train one adapter per source into OUT/adapters/<id> "
+                        "(skips finished ones, resumes unfinished ones)")
+    src = ta.add_mutually_exclusive_group(required=True)
+    src.add_argument("--sources", nargs="+", metavar="DIR", help="source folders (or datasets:NAME[@SPLIT])")
+    src.add_argument("--world-domains", metavar="all|a,b", help="render shapes-world domains into OUT/data/<domain> "
+                     "first ('all' = every source domain)")
+    ta.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (adapters/, data/)")
+    ta.add_argument("--n-images", type=int, default=500, help="images per rendered world domain")
+    ta.add_argument("--world-seed", type=int, default=0, help="render seed of the world domains")
+    ta.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: one after another here; ray: parallel Ray tasks (pip install 'prompt-cdm[ray]')")
+    ta.add_argument("--cpus-per-job", type=int, default=1, help="ray: CPUs (and torch threads) per source")
+    ta.add_argument("--ray-address", default=None, help="ray: cluster address (default: a running or new local one)")
+    _add_train_args(ta)
+    ta.set_defaults(func=cmd_train_all)
+
+
+# ---------------------------------------------------------------- hub
+
+
+def cmd_hub_push(a) -> None:
+    from .hub import push
+
+    where = push(a.adapter_dir, a.dest, revision=a.revision, private=a.private, overwrite=a.overwrite)
+    print(f"pushed {a.adapter_dir} -> {where}")
+
+
+def cmd_hub_pull(a) -> None:
+    from .hub import pull
+
+    folder = pull(a.src, a.into, revision=a.revision, backbone=a.backbone, overwrite=a.overwrite)
+    print(f"pulled {a.src} -> {folder} (checksums verified" + (f", loads on {a.backbone})" if a.backbone else ")"))
+
+
+def _add_hub_parsers(sub) -> None:
+    where = ("a hub repo owner/name (or hf://owner/name), a folder path, or an fsspec URL (file://, memory://, "
+             "s3://, gs://, ... with its fsspec package installed)")
+    h = sub.add_parser("hub", help="share adapter folders: push to / pull from the Hugging Face Hub or any fsspec "
+                       "location (token: HF_TOKEN or `hf auth login`; endpoint: HF_ENDPOINT)")
+    hs = h.add_subparsers(dest="hub_cmd", required=True)
+    hp = hs.add_parser("push", help="validate an adapter folder and upload it with checksums.json (one hub commit)")
+    hp.add_argument("adapter_dir", help="the adapter folder (save_adapter / train output); it is not modified")
+    hp.add_argument("dest", help=where)
+    hp.add_argument("--revision", default=None, help="hub: the branch to commit to (created if missing; default main)")
+    hp.add_argument("--private", action="store_true", default=None,
+                    help="hub: the repo must be private (created private; an existing public repo is refused)")
+    hp.add_argument("--overwrite", action="store_true",
+                    help="folder/URL: replace an adapter pushed there before (hub history keeps old pushes)")
+    hp.set_defaults(func=cmd_hub_push)
+    hl = hs.add_parser("pull", help="download an adapter, verify checksums and the folder, then move it into place")
+    hl.add_argument("src", help=where)
+    hl.add_argument("--into", required=True, metavar="DIR", help="the adapter folder to create")
+    hl.add_argument("--revision", default=None, help="hub: branch, tag or commit (default main)")
+    hl.add_argument("--backbone", default=None, metavar="NAME",
+                    help="also load the adapter onto this backbone ('tiny', an SD folder or a hub id) to check it fits")
+    hl.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    hl.set_defaults(func=cmd_hub_pull)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prompt-cdm", description="Compartmentalized diffusion models on a frozen SD backbone")
     sub = p.add_subparsers(dest="command", required=True)
@@ -179,18 +579,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=25, help="sampling steps")
     d.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     d.set_defaults(func=cmd_demo)
+    _add_compose_parsers(sub)
+    _add_train_parsers(sub)
+    _add_hub_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .adapters.errors import AdapterError
     from .backbone import BackboneError
+    from .compose import ComposeError
+    from .registry import RegistryError
     from .config import ConfigError
+    from .hub import HubError
     from .world.domains import UnknownDomainError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ConfigError, BackboneError, UnknownDomainError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, BackboneError, UnknownDomainError, FileNotFoundError, AdapterError,
+            ComposeError, RegistryError, HubError) as e:
         print(f"prompt-cdm: error: {e}", file=sys.stderr)
         return 2
     return 0
