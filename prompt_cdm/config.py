@@ -169,7 +169,10 @@ def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
             if p not in names:
                 where = ".".join(parts[:i])
                 valid = ", ".join(f"{where}.{n}" if where else n for n in names)
-                raise ConfigError(f"unknown config key {key!r}; valid keys here: {valid}")
+                raise ConfigError(
+                    f"unknown config key {key!r} ({p!r} is not a field of {where or 'the top level'}); "
+                    f"valid keys here: {valid}"
+                )
             if i == len(parts) - 1:
                 node[p] = _parse_value(text.strip())
             else:
