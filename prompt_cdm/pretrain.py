@@ -65,6 +65,9 @@ class PretrainConfig:
     out: str = "runs/backbone"
     domain: str = "base"
     threads: int = 0  # torch threads; 0 = torch's default
+    # warm start: "tiny" (the shipped weights) or a weight folder (unet/, vae/, text_encoder/); the
+    # VAE stage is skipped and the UNet stage continues from those weights with a fresh optimizer
+    init_from: str = ""
     checkpoint_every: int = 200
     vae: VAEStage = field(default_factory=VAEStage)
     unet: UNetStage = field(default_factory=UNetStage)
@@ -253,6 +256,29 @@ def pretrain(cfg: PretrainConfig):
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.out) / "config.json", __import__("prompt_cdm.config", fromlist=["to_dict"]).to_dict(cfg))
     pipe = build_tiny(seed=cfg.unet.seed)
-    train_vae(cfg, pipe)
+    if cfg.init_from:
+        _warm_start(cfg, pipe)
+    else:
+        train_vae(cfg, pipe)
     train_unet(cfg, pipe)
     return pipe
+
+
+def _warm_start(cfg: PretrainConfig, pipe) -> None:
+    """Load UNet, VAE and text encoder from `cfg.init_from` and keep the VAE's latent scale."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .backbone import TINY_DIR, BackboneError
+
+    folder = TINY_DIR if cfg.init_from == "tiny" else Path(cfg.init_from)
+    if not (folder / "unet" / "config.json").exists():
+        raise BackboneError(f"init_from={cfg.init_from!r}: {folder} has no unet/config.json; "
+                            "pass 'tiny' or a folder written by `backbone pretrain` (runs/backbone/weights)")
+    kw = dict(torch_dtype=torch.float32, use_safetensors=True)
+    pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
+    pipe.vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).eval().requires_grad_(False)
+    pipe.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw)
+    scale = Path(cfg.out) / "latent_scale.json"
+    if not scale.exists():
+        write_json(scale, {"scaling_factor": float(pipe.vae.config.scaling_factor), "init_from": str(folder)})

@@ -85,6 +85,20 @@ def test_pretrain_smoke_resumes(tmp_path):
     assert [json.loads(l)["step"] for l in log] == [1, 2, 3, 4]
 
 
+def test_pretrain_warm_start_from_weights(tmp_path):
+    out = tmp_path / "bb"
+    base = ["backbone", "pretrain", "recipes/tiny_backbone.toml", "--smoke"]
+    assert main(base + ["--set", f"out='{out}'"]) == 0
+    more = tmp_path / "more"
+    assert main(base + ["--set", f"out='{more}'", "--set", f"init_from='{out / 'weights'}'"]) == 0
+    assert not (more / "vae_ckpt").exists()  # the VAE stage is skipped
+    s1 = json.loads((out / "weights" / "vae" / "config.json").read_text())["scaling_factor"]
+    s2 = json.loads((more / "weights" / "vae" / "config.json").read_text())["scaling_factor"]
+    assert s1 == s2
+    r = _run(*base, "--set", f"out='{tmp_path / 'x'}'", "--set", f"init_from='{tmp_path / 'nothing'}'")
+    _one_line_error(r, "init_from")
+
+
 def test_judge_smoke(tmp_path):
     out = tmp_path / "j"
     assert main(["world", "train-judge", "recipes/judge.toml", "--smoke", "--set", f"out='{out}'"]) == 0
