@@ -175,6 +175,28 @@ def load(name_or_path: str = "tiny", dtype: torch.dtype = torch.float32):
     return freeze(pipe)
 
 
+def load_quietly(name_or_path: str = "tiny", dtype: torch.dtype = torch.float32):
+    """`load` without the libraries' progress bars and dtype notices on stderr (errors stay one line)."""
+    import warnings
+
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    for m, _, _ in saved:
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename notice
+            return load(name_or_path, dtype)
+    finally:
+        for m, level, bar in saved:
+            m.set_verbosity(level)
+            if bar:
+                m.enable_progress_bar()
+
+
 def fingerprint(pipe) -> str:
     """sha256 over the frozen weights (UNet, VAE, text encoder), dtype-independent (float32 bytes)."""
     h = hashlib.sha256()

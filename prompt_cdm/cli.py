@@ -128,27 +128,9 @@ def cmd_demo(a) -> None:
 
 
 def _load_backbone_quietly(name: str):
-    """backbone.load without the libraries' progress bars and dtype notices on stderr (errors stay one line)."""
-    import warnings
+    from .backbone import load_quietly
 
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    from .backbone import load
-
-    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
-    for m, _, _ in saved:
-        m.set_verbosity_error()
-        m.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename notice
-            return load(name)
-    finally:
-        for m, level, bar in saved:
-            m.set_verbosity(level)
-            if bar:
-                m.enable_progress_bar()
+    return load_quietly(name)
 
 
 def _read_prompts(a) -> list[str]:

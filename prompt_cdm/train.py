@@ -642,27 +642,9 @@ def train_adapter(source: Source, pipe, cfg: TrainConfig, out: str | os.PathLike
 
 
 def load_backbone(name: str):
-    """`backbone.load` without the libraries' loading bars and notices on stderr (so errors stay one line)."""
-    import warnings
+    from .backbone import load_quietly
 
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    from .backbone import load
-
-    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
-    for m, _, _ in saved:
-        m.set_verbosity_error()
-        m.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return load(name)
-    finally:
-        for m, level, bar in saved:
-            m.set_verbosity(level)
-            if bar:
-                m.enable_progress_bar()
+    return load_quietly(name)
 
 
 def train(backbone: str, sources: list[str | os.PathLike], cfg: TrainConfig, out: str | os.PathLike, *,

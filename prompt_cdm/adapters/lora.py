@@ -17,9 +17,11 @@ peft's functional API (`peft.functional`) injects into both models. transformers
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 import re
 import warnings
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -318,3 +320,62 @@ def remove(pipe, name: str) -> LoraAdapter:
         _remove_from(getattr(pipe, c), name)
     set_active(pipe, still_active)
     return adapter
+
+
+# ---------------------------------------------------------------- peft's mixed-adapter batch
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+def _adapter_names_hook(module, args, kwargs, adapter_names):
+    # the same pre-forward hook PeftModel._enable_peft_forward_hooks registers on every LoraLayer
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def lora_layers(model) -> list:
+    """The peft LoRA layers of a model (empty when no LoRA is injected)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextmanager
+def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = None):
+    """Inside the block, row k of every forward batch goes through LoRA adapter adapter_names[k]
+    ("__base__" = none) in every peft LoRA layer of `model` -- peft's mixed-batch path, which
+    diffusers has no public switch for (`cross_attention_kwargs` does not route adapters).
+
+    Independent of peft's active-adapter state: an adapter not named for a row never touches it.
+    Every batch the model's layers see inside the block must have len(adapter_names) rows (peft
+    checks it). Raises `error` (default LoraError) for unknown names, merged or disabled adapters."""
+    error = error or LoraError
+    names = list(adapter_names)
+    layers = lora_layers(model)
+    wanted = {n for n in names if n != BASE}
+    if not layers:
+        if wanted:
+            raise error(f"no LoRA layers on {type(model).__name__}, but rows ask for {sorted(wanted)}")
+        yield
+        return
+    known = set().union(*(set(m.lora_A.keys()) for m in layers))
+    if wanted - known:
+        raise error(f"no LoRA adapter named {sorted(wanted - known)} on {type(model).__name__} "
+                           f"(have: {sorted(known)})")
+    if any(m.merged for m in layers):
+        raise error("a LoRA adapter is merged into the weights; unmerge it before composing "
+                           "(rows cannot be routed through merged weights)")
+    if any(m.disable_adapters for m in layers):
+        raise error("the LoRA adapters are disabled on this model (disable_adapters); "
+                           "enable them before composing")
+    from functools import partial
+
+    hook = partial(_adapter_names_hook, adapter_names=names)
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
