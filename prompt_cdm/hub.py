@@ -15,7 +15,6 @@ huggingface_hub and fsspec are imported only when a transfer runs; importing thi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .io import write_json
+from .io import sha256_file, write_json
 
 CHECKSUMS_NAME = "checksums.json"
 CHECKSUMS_FORMAT = "prompt_cdm/checksums"
@@ -120,18 +119,11 @@ def _local_files(folder: Path) -> list[str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def compute_checksums(folder: str | os.PathLike) -> dict:
     """checksums.json content for `folder`: sha256 and size of every file except checksums.json itself."""
     folder = Path(folder)
-    files = {rel: {"sha256": _sha256(folder / rel), "size": (folder / rel).stat().st_size}
+    files = {rel: {"sha256": sha256_file(folder / rel), "size": (folder / rel).stat().st_size}
              for rel in _local_files(folder)}
     return {"format": CHECKSUMS_FORMAT, "version": CHECKSUMS_VERSION, "algorithm": "sha256", "files": files}
 
@@ -174,7 +166,7 @@ def verify_checksums(folder: str | os.PathLike, label: str | None = None, ignore
             raise HubError(f"{label}: {rel} is listed in {CHECKSUMS_NAME} but missing (an interrupted push, or the "
                            f"file was deleted since); {again}")
         local = folder / rel
-        size, digest = local.stat().st_size, _sha256(local)
+        size, digest = local.stat().st_size, sha256_file(local)
         if size != files[rel]["size"] or digest != files[rel]["sha256"]:
             raise HubError(f"{label}: {rel} does not match {CHECKSUMS_NAME} (sha256 {digest[:12]}..., {size} bytes; "
                            f"expected {files[rel]['sha256'][:12]}..., {files[rel]['size']} bytes): it was changed or "

@@ -20,7 +20,6 @@ reused, and an adapter trained on forgotten data (same data hash) is refused.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from .io import write_json
+from .io import sha256_file, write_json
 
 REGISTRY_FILE = "registry.json"
 ADAPTERS, ROUTERS, CACHES, MANIFESTS = "adapters", "routers", "caches", "manifests"
@@ -49,13 +48,6 @@ class RegistryError(ValueError):
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_name(name: str, what: str) -> None:
@@ -213,7 +205,7 @@ class Registry:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             entry = {
                 "kind": cfg.kind, "adapter": rel, "source_id": cfg.source_id, "data_hash": cfg.data_hash,
-                "sha256": {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+                "sha256": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
                 "added": _now(),
             }
             if cfg.kind == "soft-prompt":
@@ -470,7 +462,7 @@ class Registry:
             for fname, digest in e["sha256"].items():
                 if fname not in have:
                     out.append(f"source {name!r}: {fname} is missing")
-                elif _sha256(folder / fname) != digest:
+                elif sha256_file(folder / fname) != digest:
                     out.append(f"source {name!r}: {fname} was modified after it was added")
             for extra in sorted(have - set(e["sha256"])):
                 out.append(f"source {name!r}: unregistered file {extra}")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .io import write_json
+from .io import sha256_file, write_json
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz")
@@ -124,13 +124,6 @@ def set_hash(items: list[ManifestItem]) -> str:
 def _sha256_bytes(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- sources
@@ -258,7 +251,7 @@ class ImageFolderSource(Source):
                 out.append(ManifestItem(it.file_name, prev.sha256, text_sha, st.st_size, st.st_mtime_ns))
                 continue
             self.image(i)  # refuse a corrupt file now, with its name
-            out.append(ManifestItem(it.file_name, _sha256_file(p), text_sha, st.st_size, st.st_mtime_ns))
+            out.append(ManifestItem(it.file_name, sha256_file(p), text_sha, st.st_size, st.st_mtime_ns))
         m = Manifest(self.id, self.kind, self.location, set_hash(out), len(out), out, built_at_ns=built)
         _write_cache(path, m)
         return m

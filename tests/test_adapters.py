@@ -17,38 +17,16 @@ from prompt_cdm.adapters import (AdapterError, LoraAdapter, LoraAdapterConfig, S
 from prompt_cdm.adapters import lora, soft_prompt
 from prompt_cdm.adapters.card import read_front_matter
 from prompt_cdm.adapters.store import CONFIG_NAME, WEIGHTS_NAME
-from prompt_cdm.backbone import build_tiny, fingerprint, freeze
 from prompt_cdm.generate import encode_prompts, text_to_image
 
 STEPS, GUIDANCE, SEED = 3, 4.0, 11
 CAPTIONS = ["a red circle on the left", "a small blue square at the top"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP's barrier
-    waits made a 2-thread UNet call ~60x slower than 1 thread (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    """Our own random tiny pipeline (tests here apply adapters to it; each test leaves it clean)."""
-    p = freeze(build_tiny(seed=0))
-    p.backbone_fingerprint = fingerprint(p)
-    p.backbone_name = "tiny-random"
-    return p
 
 
-@pytest.fixture(scope="module")
-def exported(pipe, tmp_path_factory):
-    """The same pipeline as a standard folder for plain `StableDiffusionPipeline.from_pretrained`."""
-    folder = tmp_path_factory.mktemp("backbone") / "pipe"
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def _random_soft_prompt(pipe, placeholder="<cdm-stars>", n=3, seed=1):

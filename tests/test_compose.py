@@ -15,7 +15,6 @@ from PIL import Image
 from prompt_cdm.adapters import LoraAdapter, LoraAdapterConfig, SoftPromptConfig, load_adapter, save_adapter
 from prompt_cdm.adapters import lora, soft_prompt
 from prompt_cdm.attribution import TraceRecorder
-from prompt_cdm.backbone import build_tiny, fingerprint, freeze
 from prompt_cdm.cli import main
 from prompt_cdm.compose import (ComposedDenoiser, ComposeError, Source, compose_images, make_estimator,
                                 parse_weights)
@@ -29,28 +28,10 @@ CAPTIONS = ["a red circle on the left", "a small blue square at the top"]
 SETS = {"lora": ["a", "b"], "soft-prompt": ["c", "d"], "mixed": ["a", "c", "b"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds barrier waits on a busy machine
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = freeze(build_tiny(seed=0))
-    p.backbone_fingerprint = fingerprint(p)
-    p.backbone_name = "tiny-random"
-    return p
 
 
-@pytest.fixture(scope="module")
-def exported(pipe, tmp_path_factory):
-    """The bare backbone as a standard folder (saved before any adapter is applied)."""
-    folder = tmp_path_factory.mktemp("backbone") / "pipe"
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def _random_lora(pipe, config, seed):

@@ -15,18 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hub_double import Blob, FakeHub, Repo
-from prompt_cdm import hub
 from prompt_cdm.adapters import LoraAdapterConfig, SoftPromptConfig, lora, save_adapter, soft_prompt
 from prompt_cdm.adapters.store import CONFIG_NAME, SOFT_PROMPT_DIFFUSERS_NAME, WEIGHTS_NAME
 from prompt_cdm.hub import CHECKSUMS_NAME, HubError, compute_checksums, parse_location, pull, push
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,25 +12,12 @@ from PIL import Image
 
 from prompt_cdm.adapters import LoraAdapter, LoraAdapterConfig, SoftPromptConfig, save_adapter
 from prompt_cdm.adapters import lora, soft_prompt
-from prompt_cdm.backbone import build_tiny, fingerprint, freeze
 from prompt_cdm.cli import main
 from prompt_cdm.registry import Registry, RegistryError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = freeze(build_tiny(seed=0))
-    p.backbone_fingerprint = fingerprint(p)
-    p.backbone_name = "tiny-random"
-    return p
 
 
 @pytest.fixture(scope="module")

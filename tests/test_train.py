@@ -20,12 +20,6 @@ from prompt_cdm.train import (TrainConfig, TrainError, _seed, batch_indices, is_
 RECIPE = "recipes/adapter_train.toml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from a second thread (see test_adapters.py)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
