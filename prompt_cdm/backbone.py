@@ -169,7 +169,8 @@ def load(name_or_path: str = "tiny", dtype: torch.dtype = torch.float32):
             )
         except (OSError, ValueError, EnvironmentError) as e:
             raise BackboneError(f"cannot load backbone {name_or_path!r}: {str(e).splitlines()[0]}") from None
-    pipe = pipe.to(dtype=dtype)
+    if pipe.unet.dtype != dtype:
+        pipe = pipe.to(dtype=dtype)
     pipe.backbone_name = name_or_path
     pipe.backbone_fingerprint = fingerprint(pipe)
     return freeze(pipe)
