@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .io import sha256_file, write_json
+from .io import replace_dir, sha256_file, write_json
 
 CHECKSUMS_NAME = "checksums.json"
 CHECKSUMS_FORMAT = "prompt_cdm/checksums"
@@ -498,13 +498,7 @@ def pull(src: str, into: str | os.PathLike, *, revision: str | None = None, back
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
-        old = None
-        if into.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{into.name}.", suffix=".old", dir=into.parent))
-            os.replace(into, old)  # onto an empty folder: allowed
-        os.replace(tmp, into)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(tmp, into)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

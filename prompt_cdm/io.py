@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,3 +64,16 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Put the finished folder `tmp` at `dest` by renames (an existing `dest` is moved aside, then deleted)."""
+    tmp, dest = Path(tmp), Path(dest)
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        os.replace(dest, old)  # onto an empty folder: allowed
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old)
+    return dest

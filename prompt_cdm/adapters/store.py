@@ -32,7 +32,7 @@ except ImportError:  # an editable install made before prompt_cdm/__init__.py ex
 
     __version__ = _version("prompt-cdm")
 from ..config import ConfigError, from_dict, to_dict
-from ..io import atomic_path, save_image, save_safetensors, write_json, write_text
+from ..io import atomic_path, replace_dir, save_image, save_safetensors, write_json, write_text
 from . import card, lora, soft_prompt
 from .errors import AdapterError
 from .lora import LoraAdapter, LoraAdapterConfig
@@ -224,13 +224,7 @@ def save_adapter(
             save_image(tmp / SAMPLES_NAME, sample_grid)
         write_text(tmp / CARD_NAME, card.render(config, figures, license, SAMPLES_NAME if sample_grid is not None
                                                  else None, folder.name))
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-            os.replace(folder, old)  # onto an empty folder: allowed
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
