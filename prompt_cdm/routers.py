@@ -180,6 +180,21 @@ def _noised(data: dict[str, torch.Tensor], abar: torch.Tensor, k: int, g: torch.
     return xt, t, data[CONTEXT][idx]
 
 
+def _fit(net: torch.nn.Module, step_loss, cfg: TrainConfig) -> dict:
+    """Adam on `step_loss()` for cfg.steps steps; freezes the net; returns the training report."""
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    t0, losses = time.perf_counter(), []
+    for _ in range(cfg.steps):
+        loss = step_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    net.eval().requires_grad_(False)
+    return {"steps": cfg.steps, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "seconds": time.perf_counter() - t0}
+
+
 def train_classifier(data: Sequence[dict[str, torch.Tensor]], alphas_cumprod: torch.Tensor,
                      cfg: TrainConfig = TrainConfig()) -> tuple[RouterNet, dict]:
     """The n-way noise-aware classifier on every source's cached latents (balanced batches, so its
@@ -190,20 +205,14 @@ def train_classifier(data: Sequence[dict[str, torch.Tensor]], alphas_cumprod: to
     net = RouterNet(RouterConfig(in_channels=first[LATENTS].shape[1], out_dim=len(data),
                                  context_dim=first[CONTEXT].shape[1] if cfg.use_context else 0,
                                  num_train_timesteps=len(alphas_cumprod)))
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    t0, losses = time.perf_counter(), []
-    for _ in range(cfg.steps):
+
+    def step_loss() -> torch.Tensor:
         xs, ts, cs, ys = zip(*[(*_noised(d, alphas_cumprod, cfg.batch_size, g), torch.full((cfg.batch_size,), i))
                                for i, d in enumerate(data)])
         logits = net(torch.cat(xs), torch.cat(ts), torch.cat(cs) if cfg.use_context else None)
-        loss = classifier_loss(logits, torch.cat(ys))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    net.eval().requires_grad_(False)
-    return net, {"steps": cfg.steps, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-                 "seconds": time.perf_counter() - t0}
+        return classifier_loss(logits, torch.cat(ys))
+
+    return net, _fit(net, step_loss, cfg)
 
 
 def train_ratio_head(source: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -214,20 +223,14 @@ def train_ratio_head(source: dict[str, torch.Tensor], reference: dict[str, torch
     net = RouterNet(RouterConfig(in_channels=source[LATENTS].shape[1], out_dim=1,
                                  context_dim=source[CONTEXT].shape[1] if cfg.use_context else 0,
                                  num_train_timesteps=len(alphas_cumprod)))
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    t0, losses = time.perf_counter(), []
-    for _ in range(cfg.steps):
+
+    def step_loss() -> torch.Tensor:
         xs, ts, cs = _noised(source, alphas_cumprod, cfg.batch_size, g)
         xr, tr, cr = _noised(reference, alphas_cumprod, cfg.batch_size, g)
         h = net(torch.cat([xs, xr]), torch.cat([ts, tr]), torch.cat([cs, cr]) if cfg.use_context else None)[:, 0]
-        loss = ratio_loss(h[: cfg.batch_size], h[cfg.batch_size:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    net.eval().requires_grad_(False)
-    return net, {"steps": cfg.steps, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-                 "seconds": time.perf_counter() - t0}
+        return ratio_loss(h[: cfg.batch_size], h[cfg.batch_size:])
+
+    return net, _fit(net, step_loss, cfg)
 
 
 def train_router(registry: Registry, kind: str, alphas_cumprod: torch.Tensor, cfg: TrainConfig = TrainConfig(),
