@@ -1,0 +1,1 @@
+"""Benchmarks: ratios measured in one run, each printing the command that reproduces it."""
