@@ -62,6 +62,45 @@ TINY_SCHEDULER = dict(
     steps_offset=1,
 )
 
+# Stable Diffusion 1.5's shapes (its unet/, vae/, text_encoder/ config.json), for tests and benchmarks
+# that must see real SD sizes where no SD weights exist: built with random weights at a small sample size.
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),  # 860M parameters
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),  # f=8
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+SD15_TEXT = dict(  # CLIP ViT-L/14's text tower
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
 
 class BackboneError(ValueError):
     """A backbone cannot be loaded; the message names the path and the fix."""
@@ -76,6 +115,17 @@ def tiny_scheduler():
 
 def build_tiny(seed: int = 0):
     """A randomly initialised tiny pipeline (the starting point of pretraining, and of tests)."""
+    return _build(TINY_UNET, TINY_VAE, TINY_TEXT, seed)
+
+
+def build_sd15_shaped(seed: int = 0, sample_size: int = 16):
+    """Stable Diffusion 1.5's architecture with random weights, latents of `sample_size` (SD: 64) --
+    real SD sizes for tests and benchmarks where no SD weights can be downloaded. ~1.1B parameters."""
+    return _build(dict(SD15_UNET, sample_size=sample_size), dict(SD15_VAE, sample_size=sample_size * 8), SD15_TEXT,
+                  seed)
+
+
+def _build(unet: dict, vae: dict, text: dict, seed: int):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -83,10 +133,10 @@ def build_tiny(seed: int = 0):
 
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**TINY_VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT)),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
         tokenizer=clip_tokenizer(),
-        unet=UNet2DConditionModel(**TINY_UNET),
+        unet=UNet2DConditionModel(**unet),
         scheduler=tiny_scheduler(),
         safety_checker=None,
         feature_extractor=None,

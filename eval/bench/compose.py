@@ -1,0 +1,165 @@
+"""Composition cost: one batched UNet pass for n sources vs n sequential adapter passes; sparse vs dense.
+
+    python -m eval.bench.compose --backbone tiny --ns 1,2,4,8 --threads 2
+    python -m eval.bench.compose --backbone sd15-shaped --sample-size 16 --ns 1,2,4,8 --repeats 2 --threads 2
+    python -m eval.bench.compose --registry runs/figs/compose/registry --threads 2      # + sparse vs dense
+
+Per step (n LoRA sources with random weights, one prompt, guidance on):
+- batched: `ComposedDenoiser` with the shared unconditional row, n + 1 UNet rows in ONE call;
+- sequential: what a diffusers user does without us, one single-adapter pass per source
+  (`ComposedDenoiser` with that source and its own unconditional row: 2 rows, the adapter swapped in),
+  n calls, 2n rows.
+With `--registry` (a registry with trained sources and a classifier router, e.g. from
+`python -m eval.composition_quality`): whole images, 25 steps, one held-out caption per source domain,
+seconds per image for one source's adapter alone, all sources dense, and all sources sparse
+(classifier weights, sources below 0.05 dropped after 20% of the steps). Ratios from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _pipe(backbone: str, sample_size: int):
+    from prompt_cdm.backbone import build_sd15_shaped, freeze, load_quietly
+
+    if backbone == "sd15-shaped":
+        return freeze(build_sd15_shaped(seed=0, sample_size=sample_size))
+    return load_quietly(backbone)
+
+
+def _random_loras(pipe, n: int, rank: int = 4) -> list:
+    """n LoRA sources with random (non-zero) weights, applied to `pipe`."""
+    from prompt_cdm.adapters import LoraAdapter, LoraAdapterConfig, lora
+    from prompt_cdm.compose import Source
+
+    cfg = LoraAdapterConfig(rank=rank, alpha=float(rank))
+    out = []
+    for i in range(n):
+        fresh = lora.create(pipe, cfg)
+        g = torch.Generator().manual_seed(i)
+        name = f"bench{i}"
+        lora.apply(pipe, LoraAdapter(cfg, {k: torch.randn(v.shape, generator=g) * 0.01
+                                           for k, v in fresh.tensors.items()}), name)
+        out.append(Source(name, "lora", name))
+    return out
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, peft's first routed call)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_costs(pipe, ns: list[int], repeats: int, prompt: str = "a red circle to the left of a blue square") -> list:
+    from prompt_cdm.adapters import lora
+    from prompt_cdm.compose import ComposedDenoiser
+    from prompt_cdm.estimators import get_estimator
+
+    sources = _random_loras(pipe, max(ns))
+    try:
+        sched = pipe.scheduler
+        sched.set_timesteps(25)
+        t = sched.timesteps[10]
+        size, c = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+        x = torch.randn(1, c, size, size, generator=torch.Generator().manual_seed(0))
+        rows = []
+        for n in ns:
+            batched = ComposedDenoiser(pipe, sources[:n], [prompt], get_estimator("uniform"), sched, uncond="shared")
+            singles = [ComposedDenoiser(pipe, [s], [prompt], get_estimator("uniform"), sched, uncond="per-source")
+                       for s in sources[:n]]
+
+            def one_batched():
+                batched.reset()
+                batched(x, t)
+
+            def one_by_one():
+                for d in singles:
+                    d.reset()
+                    d(x, t)
+
+            tb, ts = _timed(one_batched, repeats), _timed(one_by_one, repeats)
+            rows.append({"n": n, "batched_s": tb, "sequential_s": ts, "speedup": ts / tb,
+                         "rows_batched": n + 1, "rows_sequential": 2 * n})
+            print(rows[-1], flush=True)
+    finally:
+        for s in sources:
+            lora.remove(pipe, s.handle)
+    return rows
+
+
+def image_costs(registry: str, steps: int = 25, seed: int = 0) -> dict:
+    """Seconds per image: one source alone vs every source dense vs sparse (classifier router)."""
+    from prompt_cdm.backbone import load_quietly
+    from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, load_sources, make_estimator
+    from prompt_cdm.registry import Registry
+    from prompt_cdm.world.dataset import examples
+    from prompt_cdm.world.domains import DOMAINS
+
+    reg = Registry(registry)
+    names = reg.sources
+    pipe = load_quietly(reg.backbone["name"])
+    prompts = [examples(d, 1, seed=seed + 3, heldout=True)[0].caption if d in DOMAINS else "a red circle"
+               for d in names]
+    sources, loaded = load_sources(pipe, None, reg, names)
+    try:
+        def run(srcs, router, uncond, sparse):
+            est, ctx = make_estimator(router, [s.name for s in srcs], scheduler=pipe.scheduler, registry=reg)
+            t0 = time.perf_counter()
+            res = compose_images(pipe, srcs, prompts, est, steps=steps, seed=seed, uncond=uncond, batch_size=1,
+                                 sparse_eps=SPARSE_EPS if sparse else 0.0,
+                                 warmup_frac=SPARSE_WARMUP if sparse else 0.0, router_context=ctx,
+                                 output_type="latent")
+            rows = sum(sum(r) for r in res.rows_per_step) / len(prompts)
+            return (time.perf_counter() - t0) / len(prompts), rows
+
+        single = run(sources[:1], "uniform", "per-source", False)
+        router = "classifier" if "classifier" in reg.routers else "ito"
+        dense = run(sources, router, "shared", False)
+        sparse = run(sources, router, "shared", True)
+    finally:
+        for h in reversed(loaded):
+            h.remove()
+    return {"n": len(names), "router": router, "single_s": single[0], "dense_s": dense[0], "sparse_s": sparse[0],
+            "single_rows": single[1], "dense_rows": dense[1], "sparse_rows": sparse[1],
+            "sparse_over_single": sparse[0] / single[0], "dense_over_single": dense[0] / single[0]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="tiny", help="'tiny', 'sd15-shaped' (random weights) or an SD folder")
+    p.add_argument("--sample-size", type=int, default=16, help="sd15-shaped: latent size (SD1.5: 64)")
+    p.add_argument("--ns", default="1,2,4,8")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--registry", default=None, help="also time whole images: single vs dense vs sparse")
+    p.add_argument("--skip-steps", action="store_true", help="only the --registry image timings")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cmd = "python -m eval.bench.compose " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"command: {cmd}")
+    if not a.skip_steps:
+        rows = step_costs(_pipe(a.backbone, a.sample_size), [int(v) for v in a.ns.split(",")], a.repeats)
+        print(f"\none denoising step, backbone {a.backbone}" + (f" (latents {a.sample_size}x{a.sample_size})"
+                                                                 if a.backbone == "sd15-shaped" else ""))
+        print("| n | batched s (n+1 rows) | sequential s (2n rows) | speed-up |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['n']} | {r['batched_s']:.4f} | {r['sequential_s']:.4f} | {r['speedup']:.2f}x |")
+    if a.registry:
+        r = image_costs(a.registry)
+        print(f"\nper image, {r['n']} sources, router {r['router']}, 25 steps")
+        print("| | s / image | UNet rows / image | vs one adapter |\n|---|---|---|---|")
+        for k in ("single", "dense", "sparse"):
+            print(f"| {k} | {r[k + '_s']:.3f} | {r[k + '_rows']:.0f} | {r[k + '_s'] / r['single_s']:.2f}x |")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,218 @@
+"""Composition figures: attribution (credit of the true source) and quality per router, 8 domain sources.
+
+    prompt-cdm train-all --world-domains all --kind lora --out runs/cdm_lora --recipe recipes/adapter_train.toml
+    python -m eval.composition_quality --adapters runs/cdm_lora/adapters --data runs/cdm_lora/data \
+        --n 32 --out runs/figs/compose
+
+Builds a registry of one source per world domain (OUT/registry), caches latents and trains the
+`classifier` router and the `ratio` heads (reference set: renders of `base`, which no source holds),
+then, for every router, composes ALL sources on each domain's held-out captions and records
+- attribution: the credit (mean weight over the steps) of the source whose domain the caption is from,
+  and how often that source has the largest credit (uniform's 1/n is the floor);
+- quality: judge-TIFA and FID of the composed images on that caption's domain,
+beside each source's own adapter alone on the same captions (`own`). Finished (router, domain) cells
+are kept in OUT/results.json, so a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ROUTERS = ("uniform", "classifier", "ratio", "ito", "classifier+sparse")
+
+
+def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[str], n_ref: int = 500,
+                   router_steps: int = 400):
+    """OUT/registry with every domain's adapter, cached latents, the classifier and the ratio heads."""
+    from prompt_cdm.registry import REFERENCE, Registry
+    from prompt_cdm.routers import CACHE_FILE, TrainConfig, cache_latents, train_router
+    from prompt_cdm.world.dataset import render_domain
+
+    folder = out / "registry"
+    reg = Registry(folder) if (folder / "registry.json").is_file() else Registry.create(
+        folder, pipe.backbone_name, pipe.backbone_fingerprint)
+    report = {}
+    for d in domains:
+        if d not in reg.sources:
+            reg.add(d, adapters / d)
+        if not (reg.cache_dir(d) / CACHE_FILE).is_file():
+            cache_latents(reg, d, pipe, data / d)
+    if not (reg.folder / REFERENCE / CACHE_FILE).is_file():
+        ref = out / "reference_base"
+        if not (ref / "metadata.jsonl").is_file():
+            render_domain("base", n_ref, ref, seed=7)
+        cache_latents(reg, None, pipe, ref)
+    cfg = TrainConfig(steps=router_steps)
+    abar = pipe.scheduler.alphas_cumprod
+    if "classifier" not in reg.routers or reg.router("classifier").get("stale"):
+        report["classifier"] = train_router(reg, "classifier", abar, cfg, domains)
+    missing = [d for d in domains if f"ratio-{d}" not in reg.routers]
+    if missing:
+        report["ratio"] = train_router(reg, "ratio", abar, cfg, missing)
+    return reg, report
+
+
+def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: list[str], true_index: int,
+                 steps: int, guidance: float, seed: int):
+    """Images + attribution of composing every source with `router` on one domain's prompts."""
+    from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, make_estimator
+
+    name, sparse = router.split("+")[0], router.endswith("+sparse")
+    est, ctx = make_estimator(name, names, scheduler=pipe.scheduler, registry=reg)
+    res = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed,
+                         sparse_eps=SPARSE_EPS if sparse else 0.0, warmup_frac=SPARSE_WARMUP if sparse else 0.0,
+                         router_context=ctx, progress=True)
+    credit = torch.cat([tr.credit() for tr in res.traces])  # [N x n]
+    rows = sum(sum(r) for r in res.rows_per_step) / len(prompts)  # UNet rows per image over all steps
+    attribution = {"true_credit": float(credit[:, true_index].mean()),
+                   "top1": float((credit.argmax(1) == true_index).float().mean()),
+                   "mean_credit": credit.mean(0).tolist(), "unet_rows_per_image": rows}
+    return res, attribution
+
+
+def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = None, routers=ROUTERS, n: int = 32,
+             steps: int = 25, guidance: float = 5.0, seed: int = 0, backbone: str = "tiny") -> dict:
+    from prompt_cdm.backbone import load_quietly
+    from prompt_cdm.compose import load_sources
+    from prompt_cdm.generate import grid
+    from prompt_cdm.io import save_image, write_json
+    from prompt_cdm.plots import plot_traces
+    from prompt_cdm.world.domains import SOURCE_DOMAINS
+    from prompt_cdm.world.judge import Judge
+
+    from .adapter_quality import adapter_images
+    from .world_scoring import heldout, reference_features, score_world
+
+    out_p = Path(out)
+    domains = list(domains or SOURCE_DOMAINS)
+    pipe, judge = load_quietly(backbone), Judge.load()
+    reg, router_report = build_registry(pipe, Path(adapters), Path(data), out_p, domains)
+    res_path = out_p / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.is_file() else {"cells": {}}
+    results.update({"n": n, "steps": steps, "guidance": guidance, "seed": seed, "domains": domains,
+                    "adapters": adapters})
+    if router_report:
+        results["router_training"] = router_report
+    cells = results["cells"]
+    held = {d: heldout(d, n, seed) for d in domains}
+    refs = {}
+
+    def ref(d):
+        if d not in refs:
+            refs[d] = reference_features(judge, d, seed=seed)
+        return refs[d]
+
+    for d in domains:  # each source alone on its own domain: the quality to match
+        key = f"own/{d}"
+        if key in cells:
+            continue
+        t0 = time.time()
+        images = adapter_images(pipe, reg.adapter_dir(d), [e.caption for e in held[d]], steps, guidance, seed)
+        cells[key] = dict(score_world(judge, d, held[d], images, ref_features=ref(d)), seconds=time.time() - t0)
+        write_json(res_path, results)
+
+    sources, loaded = load_sources(pipe, None, reg, domains)
+    try:
+        for router in routers:
+            shown, traces = [], []
+            for i, d in enumerate(domains):
+                key = f"{router}/{d}"
+                if key in cells:
+                    continue
+                t0 = time.time()
+                res, attribution = compose_cell(pipe, reg, sources, domains, router,
+                                                [e.caption for e in held[d]], i, steps, guidance, seed)
+                cells[key] = dict(score_world(judge, d, held[d], res.images, ref_features=ref(d)), **attribution,
+                                  seconds=time.time() - t0)
+                shown += res.images[:4]
+                traces += [dict(res.trace_json(domains, k), prompt=f"[{d}] {held[d][k].caption}") for k in range(2)]
+                write_json(res_path, results)
+                print(json.dumps({key: {k: round(cells[key][k], 3) for k in ("score", "fid_judge", "true_credit",
+                                                                           "top1")}}), flush=True)
+            if shown:
+                save_image(out_p / f"samples_{router}.png", grid(shown, cols=8, scale=3))
+            if traces:
+                plot_traces(traces[:8], out_p / f"trace_{router}.png")
+    finally:
+        for h in reversed(loaded):
+            h.remove()
+    results["summary"] = summarize(cells, domains, routers)
+    write_json(res_path, results)
+    plot_attribution(results["summary"], out_p / "attribution.png")
+    return results
+
+
+def summarize(cells: dict, domains: list[str], routers) -> dict:
+    """Per router: mean over domains of TIFA, FID, true-source credit, top-1 and UNet rows per image."""
+    out = {}
+    for r in ("own", *routers):
+        rows = [cells[f"{r}/{d}"] for d in domains if f"{r}/{d}" in cells]
+        if not rows:
+            continue
+        keys = ["score", "fid_judge", "seconds"] + ([] if r == "own" else ["true_credit", "top1",
+                                                                           "unet_rows_per_image"])
+        out[r] = {k: sum(c[k] for c in rows) / len(rows) for k in keys}
+        out[r]["domains"] = len(rows)
+    return out
+
+
+def plot_attribution(summary: dict, path: Path) -> None:
+    """Bar chart: mean credit of the true source per router (1/n dashed: the uniform floor)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from prompt_cdm.io import atomic_path
+
+    names = [r for r in summary if r != "own"]
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.2))
+    ax.bar(names, [summary[r]["true_credit"] for r in names], color="tab:blue", label="credit of the true source")
+    ax.plot(names, [summary[r]["top1"] for r in names], "o", color="tab:orange", label="top-1 (true source largest)")
+    ax.axhline(0.9, ls=":", color="gray", label="goal 0.9")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("mean over domains")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def table(summary: dict) -> str:
+    lines = ["| router | judge-TIFA | FID | credit of true source | top-1 | UNet rows / image | s / cell |",
+             "|---|---|---|---|---|---|---|"]
+    for r, s in summary.items():
+        extra = ("—", "—", "—") if r == "own" else (f"{s['true_credit']:.3f}", f"{s['top1']:.3f}",
+                                                    f"{s['unet_rows_per_image']:.0f}")
+        lines.append(f"| {r} | {s['score']:.3f} | {s['fid_judge']:.1f} | {' | '.join(extra)} | {s['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--adapters", required=True, help="folder with one adapter folder per domain")
+    p.add_argument("--data", required=True, help="folder with one imagefolder per domain (the sources' data)")
+    p.add_argument("--domains", default=None, help="comma-separated (default: every source domain)")
+    p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--n", type=int, default=32, help="held-out captions per domain")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    res = evaluate(a.adapters, a.data, a.out, a.domains.split(",") if a.domains else None, a.routers.split(","),
+                   n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed)
+    print(table(res["summary"]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
