@@ -56,7 +56,7 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
     return reg, report
 
 
-def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: list[str], true_index: int,
+def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: list[str], true_index: int | None,
                  steps: int, guidance: float, seed: int):
     """Images + attribution of composing every source with `router` on one domain's prompts."""
     from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, make_estimator
@@ -68,14 +68,21 @@ def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: lis
                          router_context=ctx, progress=True)
     credit = torch.cat([tr.credit() for tr in res.traces])  # [N x n]
     rows = sum(sum(r) for r in res.rows_per_step) / len(prompts)  # UNet rows per image over all steps
-    attribution = {"true_credit": float(credit[:, true_index].mean()),
-                   "top1": float((credit.argmax(1) == true_index).float().mean()),
-                   "mean_credit": credit.mean(0).tolist(), "unet_rows_per_image": rows}
+    attribution = {"mean_credit": credit.mean(0).tolist(), "unet_rows_per_image": rows}
+    if true_index is not None:
+        attribution.update(true_credit=float(credit[:, true_index].mean()),
+                           top1=float((credit.argmax(1) == true_index).float().mean()))
     return res, attribution
 
 
 def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = None, routers=ROUTERS, n: int = 32,
-             steps: int = 25, guidance: float = 5.0, seed: int = 0, backbone: str = "tiny") -> dict:
+             steps: int = 25, guidance: float = 5.0, seed: int = 0, backbone: str = "tiny",
+             sources: list[str] | None = None) -> dict:
+    """Cells "<router>/<domain>" (and "own/<domain>") -> metrics, plus a per-router summary.
+
+    domains: the prompt domains. sources: the registry's source names, one folder each under `adapters`
+    and `data` (default: the domains themselves, one source per domain -- then attribution and `own` are
+    measured; other sources, e.g. random splits of the data, get quality only)."""
     from prompt_cdm.backbone import load_quietly
     from prompt_cdm.compose import load_sources
     from prompt_cdm.generate import grid
@@ -89,12 +96,14 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
 
     out_p = Path(out)
     domains = list(domains or SOURCE_DOMAINS)
+    names = list(sources or domains)
+    per_domain = names == domains  # source i holds domain i's data: the true source of a prompt is known
     pipe, judge = load_quietly(backbone), Judge.load()
-    reg, router_report = build_registry(pipe, Path(adapters), Path(data), out_p, domains)
+    reg, router_report = build_registry(pipe, Path(adapters), Path(data), out_p, names)
     res_path = out_p / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() else {"cells": {}}
     results.update({"n": n, "steps": steps, "guidance": guidance, "seed": seed, "domains": domains,
-                    "adapters": adapters})
+                    "sources": names, "adapters": adapters})
     if router_report:
         results["router_training"] = router_report
     cells = results["cells"]
@@ -106,7 +115,7 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
             refs[d] = reference_features(judge, d, seed=seed)
         return refs[d]
 
-    for d in domains:  # each source alone on its own domain: the quality to match
+    for d in domains if per_domain else []:  # each source alone on its own domain: the quality to match
         key = f"own/{d}"
         if key in cells:
             continue
@@ -115,7 +124,7 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
         cells[key] = dict(score_world(judge, d, held[d], images, ref_features=ref(d)), seconds=time.time() - t0)
         write_json(res_path, results)
 
-    sources, loaded = load_sources(pipe, None, reg, domains)
+    composed, loaded = load_sources(pipe, None, reg, names)
     try:
         for router in routers:
             shown, traces = [], []
@@ -124,15 +133,15 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
                 if key in cells:
                     continue
                 t0 = time.time()
-                res, attribution = compose_cell(pipe, reg, sources, domains, router,
-                                                [e.caption for e in held[d]], i, steps, guidance, seed)
+                res, attribution = compose_cell(pipe, reg, composed, names, router, [e.caption for e in held[d]],
+                                                i if per_domain else None, steps, guidance, seed)
                 cells[key] = dict(score_world(judge, d, held[d], res.images, ref_features=ref(d)), **attribution,
                                   seconds=time.time() - t0)
                 shown += res.images[:4]
-                traces += [dict(res.trace_json(domains, k), prompt=f"[{d}] {held[d][k].caption}") for k in range(2)]
+                traces += [dict(res.trace_json(names, k), prompt=f"[{d}] {held[d][k].caption}") for k in range(2)]
                 write_json(res_path, results)
-                print(json.dumps({key: {k: round(cells[key][k], 3) for k in ("score", "fid_judge", "true_credit",
-                                                                           "top1")}}), flush=True)
+                print(json.dumps({key: {k: round(v, 3) for k, v in cells[key].items() if isinstance(v, float)}}),
+                      flush=True)
             if shown:
                 save_image(out_p / f"samples_{router}.png", grid(shown, cols=8, scale=3))
             if traces:
@@ -153,9 +162,8 @@ def summarize(cells: dict, domains: list[str], routers) -> dict:
         rows = [cells[f"{r}/{d}"] for d in domains if f"{r}/{d}" in cells]
         if not rows:
             continue
-        keys = ["score", "fid_judge", "seconds"] + ([] if r == "own" else ["true_credit", "top1",
-                                                                           "unet_rows_per_image"])
-        out[r] = {k: sum(c[k] for c in rows) / len(rows) for k in keys}
+        keys = ["score", "fid_judge", "seconds", "true_credit", "top1", "unet_rows_per_image"]
+        out[r] = {k: sum(c[k] for c in rows) / len(rows) for k in keys if all(k in c for c in rows)}
         out[r]["domains"] = len(rows)
     return out
 
@@ -169,7 +177,7 @@ def plot_attribution(summary: dict, path: Path) -> None:
 
     from prompt_cdm.io import atomic_path
 
-    names = [r for r in summary if r != "own"]
+    names = [r for r in summary if "true_credit" in summary[r]]
     if not names:
         return
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.2))
@@ -189,8 +197,8 @@ def table(summary: dict) -> str:
     lines = ["| router | judge-TIFA | FID | credit of true source | top-1 | UNet rows / image | s / cell |",
              "|---|---|---|---|---|---|---|"]
     for r, s in summary.items():
-        extra = ("—", "—", "—") if r == "own" else (f"{s['true_credit']:.3f}", f"{s['top1']:.3f}",
-                                                    f"{s['unet_rows_per_image']:.0f}")
+        extra = tuple(f"{s[k]:.3f}" if k in s else "—" for k in ("true_credit", "top1")) + (
+            f"{s['unet_rows_per_image']:.0f}" if "unet_rows_per_image" in s else "—",)
         lines.append(f"| {r} | {s['score']:.3f} | {s['fid_judge']:.1f} | {' | '.join(extra)} | {s['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -200,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapters", required=True, help="folder with one adapter folder per domain")
     p.add_argument("--data", required=True, help="folder with one imagefolder per domain (the sources' data)")
     p.add_argument("--domains", default=None, help="comma-separated (default: every source domain)")
+    p.add_argument("--sources", default=None, help="comma-separated source folders (default: the domains)")
     p.add_argument("--routers", default=",".join(ROUTERS))
     p.add_argument("--n", type=int, default=32, help="held-out captions per domain")
     p.add_argument("--steps", type=int, default=25)
@@ -210,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     res = evaluate(a.adapters, a.data, a.out, a.domains.split(",") if a.domains else None, a.routers.split(","),
-                   n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed)
+                   n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed,
+                   sources=a.sources.split(",") if a.sources else None)
     print(table(res["summary"]))
 
 
