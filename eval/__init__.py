@@ -1,1 +1,2 @@
-"""prompt_cdm's evaluation package: TIFA, FID, backbone quality, benchmarks."""
+"""prompt_cdm's evaluation package: TIFA (tifa, vqa), FID/KID/CLIPScore (fid), memorization, backbone quality,
+benchmarks."""

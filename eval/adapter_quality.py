@@ -39,11 +39,10 @@ def evaluate(adapter_roots: dict[str, str], domains: list[str], n: int = 200, st
     from prompt_cdm.backbone import load_quietly
     from prompt_cdm.generate import grid, text_to_image
     from prompt_cdm.io import save_image, write_json
-    from prompt_cdm.world.judge import Judge
 
-    from .world_scoring import heldout, reference_features, score_world
+    from .world_scoring import heldout, reference_features, score_world, shipped_judge
 
-    pipe, judge = load_quietly(backbone), Judge.load()
+    pipe, judge = load_quietly(backbone), shipped_judge()
     results: dict = {}
     for d in domains:
         held = heldout(d, n, seed)

@@ -77,7 +77,7 @@ def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: lis
 
 def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = None, routers=ROUTERS, n: int = 32,
              steps: int = 25, guidance: float = 5.0, seed: int = 0, backbone: str = "tiny",
-             sources: list[str] | None = None) -> dict:
+             sources: list[str] | None = None, router_steps: int = 400) -> dict:
     """Cells "<router>/<domain>" (and "own/<domain>") -> metrics, plus a per-router summary.
 
     domains: the prompt domains. sources: the registry's source names, one folder each under `adapters`
@@ -89,17 +89,16 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
     from prompt_cdm.io import save_image, write_json
     from prompt_cdm.plots import plot_traces
     from prompt_cdm.world.domains import SOURCE_DOMAINS
-    from prompt_cdm.world.judge import Judge
 
     from .adapter_quality import adapter_images
-    from .world_scoring import heldout, reference_features, score_world
+    from .world_scoring import heldout, reference_features, score_world, shipped_judge
 
     out_p = Path(out)
     domains = list(domains or SOURCE_DOMAINS)
     names = list(sources or domains)
     per_domain = names == domains  # source i holds domain i's data: the true source of a prompt is known
-    pipe, judge = load_quietly(backbone), Judge.load()
-    reg, router_report = build_registry(pipe, Path(adapters), Path(data), out_p, names)
+    pipe, judge = load_quietly(backbone), shipped_judge()
+    reg, router_report = build_registry(pipe, Path(adapters), Path(data), out_p, names, router_steps=router_steps)
     res_path = out_p / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() else {"cells": {}}
     results.update({"n": n, "steps": steps, "guidance": guidance, "seed": seed, "domains": domains,

