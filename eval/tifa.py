@@ -2,8 +2,8 @@
 
 Question files follow TIFA v1.0 (`tifa_v1.0_question_answers.json`): a JSON list of records with
 `id` (the caption's id, shared by its questions), `caption`, `question`, `choices`, `answer`,
-`element_type`, `element` (+ `coco_val_id`). Records from `prompt-cdm world questions` also carry
-`caption_id` (their `id` is per question) and a `program` the judge evaluates exactly. A question
+`element_type`, `element` (+ `coco_val_id`). Records from `prompt-cdm world questions` have the same
+`id` and also carry `question_id`, `caption_id` and a `program` the judge evaluates exactly. A question
 scores 1 when the VQA answer, mapped to the nearest choice, equals `answer`.
 
     prompt-cdm world render --domain base --n 200 --heldout --out runs/tifa/base
@@ -109,7 +109,7 @@ def load_questions(path: str | Path) -> QuestionFile:
         if why is None:
             records.append(rec)
         else:
-            rid = rec.get("id") if isinstance(rec, dict) else None
+            rid = rec.get("question_id", rec.get("id")) if isinstance(rec, dict) else None
             problems.append(f"record {k}" + (f" (id {rid})" if rid is not None else "") + f" {why}")
     return QuestionFile(str(path), records, problems)
 
@@ -178,7 +178,7 @@ def evaluate(records: Sequence[dict], images: dict, backend, mapper=None,
         if why is None:
             todo.append(r)
         else:
-            unanswerable.setdefault(why, []).append(str(r.get("id")))
+            unanswerable.setdefault(why, []).append(str(r.get("question_id", r.get("id"))))
     free = backend.answer([images[caption_key(r)] for r in todo], todo) if todo else []
     mc = mapper.map(free, [r["choices"] for r in todo]) if backend.free_form and todo else list(free)
     rows = []

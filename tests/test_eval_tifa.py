@@ -117,7 +117,7 @@ def test_judge_backend_reads_renders_and_refuses_official_records(rendered):
     assert official.result["n_questions"] == 0 and len(next(iter(official.result["unanswerable"].values()))) == 2
     broken = [dict(qf.records[0], program={"op": "relation"}), dict(qf.records[1], program={"op": "teleport", "shape": "circle"})]
     assert evaluate(broken, images, backend).result["unanswerable"] == {
-        "its `program` is not one the judge can evaluate": [broken[0]["id"], broken[1]["id"]]}
+        "its `program` is not one the judge can evaluate": [broken[0]["question_id"], broken[1]["question_id"]]}
     assert "| TIFA" in table(run.result)
 
 

@@ -226,8 +226,8 @@ def test_questions_are_exact_and_tifa_shaped(domain):
     for seed in range(100):
         ex, recs = captioned(domain, seed)
         assert recs
-        ids = [r["id"] for r in recs]
-        assert len(set(ids)) == len(ids)
+        ids = [r["question_id"] for r in recs]
+        assert len(set(ids)) == len(ids) and {r["id"] for r in recs} == {f"{domain}_{seed}"}
         for r in recs:
             assert TIFA_KEYS <= set(r), set(r)
             assert r["caption"] == ex.caption

@@ -68,7 +68,8 @@ def questions_for(spec: Spec, caption: str, caption_id: str) -> list[dict]:
     def add(question, choices, program, element, element_type):
         recs.append(
             {
-                "id": f"{caption_id}_{len(recs)}",
+                "id": caption_id,  # TIFA v1.0: the caption's id, shared by its questions
+                "question_id": f"{caption_id}_{len(recs)}",
                 "caption_id": caption_id,
                 "caption": caption,
                 "question": question,
