@@ -10,7 +10,9 @@ the training and evaluation inside a stage resume too):
               domain sources and of the split sources under every router (attribution for domain sources)
  4. forget    forget one domain source in a copy of the registry: its wall time (+ retraining the classifier
               router) vs the paragon's retraining time, `verify`, and the FID of the rest before vs after
- 5. report    report.md, results.json and PNG plots, each figure next to the command that made it
+ 5. memorization  a source with duplicated images: copy rate (tiled l2) and Wen's score of its adapter alone
+              vs composed with the other domain sources (the paper's Figure 4B)
+ 6. report    report.md, results.json and PNG plots, each figure next to the command that made it
 Where a result differs from the paper's claim, the report says so.
 """
 from __future__ import annotations
@@ -46,6 +48,11 @@ class ExperimentConfig:
     guidance: float = 5.0
     seed: int = 0
     forget: str = "stars"        # the domain source to forget
+    mem_domain: str = "striped"  # memorization: this domain's source, rebuilt with duplicated images
+    mem_unique: int = 400        # images seen once
+    mem_duplicated: int = 10     # images seen mem_copies times each (their captions are the test prompts)
+    mem_copies: int = 30
+    mem_per_prompt: int = 4      # generations per duplicated caption
     threads: int = 2
 
     def __post_init__(self):
@@ -57,6 +64,8 @@ class ExperimentConfig:
         doms = self.domains or list(SOURCE_DOMAINS)
         if self.forget not in doms:
             raise ValueError(f"forget={self.forget!r} is not one of the domains {doms}")
+        if self.mem_domain not in doms:
+            raise ValueError(f"mem_domain={self.mem_domain!r} is not one of the domains {doms}")
         if min(self.n_images, self.splits, self.steps, self.paragon_steps, self.n_eval, self.sample_steps) < 1:
             raise ValueError("n_images, splits, steps, paragon_steps, n_eval and sample_steps must be >= 1")
 
@@ -215,6 +224,26 @@ def stage_forget(cfg: ExperimentConfig, out: Path, train_res: dict, eval_res: di
             "tifa_before": tifa_before, "tifa_after": after["summary"][router]["score"]}
 
 
+def stage_memorization(cfg: ExperimentConfig, out: Path) -> dict:
+    """CDM paper Fig. 4B: a source with duplicated images, its adapter alone vs composed with the other domains."""
+    from prompt_cdm.backbone import load_quietly
+    from prompt_cdm.train import is_complete, train
+
+    from .memorization import copy_rate_experiment, duplicated_source
+
+    name = f"{cfg.mem_domain}_dup"
+    data = out / "memorization" / name
+    if not (data / "metadata.jsonl").is_file():
+        duplicated_source(cfg.mem_domain, data, cfg.mem_unique, cfg.mem_duplicated, cfg.mem_copies, seed=cfg.seed)
+    adapter = out / "memorization" / "adapters" / name
+    if not is_complete(adapter):
+        train(cfg.backbone, [str(data)], _train_cfg(cfg, cfg.steps), adapter, source_id=name)
+    others = {d: domain_adapters(cfg, out) / d for d in cfg.domain_list if d != cfg.mem_domain}
+    return copy_rate_experiment(load_quietly(cfg.backbone), {name: adapter, **others}, name, data,
+                                n_per_prompt=cfg.mem_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
+                                seed=cfg.seed, wen_first_steps=min(5, cfg.sample_steps))
+
+
 def run_experiment(cfg: ExperimentConfig, command: str = "") -> Path:
     from prompt_cdm.train import render_world_sources
 
@@ -227,6 +256,7 @@ def run_experiment(cfg: ExperimentConfig, command: str = "") -> Path:
     tr = st.run("train", lambda: stage_train(cfg, out, data, splits))
     ev = st.run("eval", lambda: stage_eval(cfg, out))
     fg = st.run("forget", lambda: stage_forget(cfg, out, tr, ev))
+    mem = st.run("memorization", lambda: stage_memorization(cfg, out))
     from .experiment_report import write_report
 
-    return write_report(cfg, out, tr, ev, fg, command, time.time() - t0)
+    return write_report(cfg, out, tr, ev, fg, mem, command, time.time() - t0)

@@ -10,6 +10,7 @@ PAPER = {  # Golatkar et al. 2023, "Training Data Protection with Compositional 
     "forget": "forgetting ~8x faster than retraining the paragon, FID +<=1%",
     "tifa": "TIFA +14.33% over the monolithic model (MSCOCO)",
     "attribution": "attribution picks the right source (different domains)",
+    "memorization": "mixing sources reduces memorization (copy rate, Fig. 4B)",
 }
 
 
@@ -18,7 +19,7 @@ def _pct(a: float, b: float) -> float:
     return 100.0 * (a - b) / b
 
 
-def claims(ev: dict, fg: dict) -> list[dict]:
+def claims(ev: dict, fg: dict, mem: dict) -> list[dict]:
     """One row per paper claim: what we measured and whether it holds here."""
     par, dom, spl = ev["paragon"], ev["domains"], ev["splits"]
     rows = []
@@ -30,7 +31,7 @@ def claims(ev: dict, fg: dict) -> list[dict]:
     for name, summ in (("domains", dom), ("splits", spl)):
         if "classifier" in summ and "uniform" in summ:
             c, u = summ["classifier"]["fid_judge"], summ["uniform"]["fid_judge"]
-            rows.append({"claim": "classifier_vs_uniform", "ours": f"{name}: classifier FID {c:.1f} vs uniform {u:.1f}",
+            rows.append({"claim": "classifier_vs_uniform", "ours": f"{name}: classifier FID {c:.2f} vs uniform {u:.2f}",
                          "holds": c < u})
     cdm_s = fg["forget_seconds"] + fg["router_retrain_seconds"]
     if fg.get("paragon_retrain_seconds"):
@@ -49,6 +50,10 @@ def claims(ev: dict, fg: dict) -> list[dict]:
         rows.append({"claim": "attribution", "ours": ", ".join(f"{r} {v:.2f}" for r, v in att.items())
                      + " (mean credit of the true source; uniform = 1/n)",
                      "holds": max(v for r, v in att.items() if r != "uniform") >= 0.9 if len(att) > 1 else False})
+    a, c = mem["alone"], mem["composed"]
+    rows.append({"claim": "memorization", "ours": f"copy rate alone {a['copy_rate']:.3f} vs composed "
+                 f"{c['copy_rate']:.3f} (held-out renders of the same domain: {mem.get('heldout_floor', float('nan')):.3f})"
+                 f"; Wen score {a['wen_mean']:.3f} vs {c['wen_mean']:.3f}", "holds": c["copy_rate"] < a["copy_rate"]})
     return rows
 
 
@@ -88,20 +93,23 @@ def _table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(cfg, out: Path, tr: dict, ev: dict, fg: dict, command: str, wall_s: float) -> Path:
+def write_report(cfg, out: Path, tr: dict, ev: dict, fg: dict, mem: dict, command: str, wall_s: float) -> Path:
     from prompt_cdm.io import write_json, write_text
 
     _bars(ev, out / "systems.png")
-    rows = claims(ev, fg)
+    rows = claims(ev, fg, mem)
     write_json(out / "results.json", {"config": asdict(cfg), "command": command, "train": tr, "eval": ev,
-                                      "forget": fg, "claims": rows, "wall_seconds": wall_s})
+                                      "forget": fg, "memorization": mem, "claims": rows, "wall_seconds": wall_s})
     claim_lines = ["| paper's claim | ours | holds here? |", "|---|---|---|"]
     claim_lines += [f"| {PAPER[r['claim']]} | {r['ours']} | {'yes' if r['holds'] else '**no**'} |" for r in rows]
     par = ev["paragon"]
+    stages = {"train": tr, "eval": ev, "forget": fg, "memorization": mem}
+    stage_times = ", ".join(f"{k} {v['stage_seconds'] / 60:.1f} min" for k, v in stages.items() if "stage_seconds" in v)
+    stage_times = f"stage wall times {stage_times} (this invocation {wall_s / 60:.1f} min)"
     text = f"""# CDM paper table on the embedded world
 
-Command: `{command}` (wall time {wall_s / 60:.1f} min, every number below comes from this run; the stages'
-own results are in `stages/*.json`, the per-domain cells in `eval_domains/results.json`,
+Command: `{command}`. Every number below comes from this run: {stage_times}
+(the stages' results are in `stages/*.json`, the per-domain cells in `eval_domains/results.json`,
 `eval_splits/results.json`, `forget/results.json`).
 
 Setup: {len(cfg.domain_list)} source domains x {cfg.n_images} images; {cfg.kind} adapters, {cfg.steps} steps each;
@@ -132,6 +140,18 @@ router {fg['router_retrain_seconds']:.1f} s; the paragon's retraining costs its 
 ({fg['paragon_retrain_seconds'] or float('nan'):.0f} s: same steps, the data size does not change the time per
 step). FID of the other domains under `{fg['router']}`: {fg['fid_before']:.1f} before, {fg['fid_after']:.1f} after;
 TIFA {fg['tifa_before']:.3f} -> {fg['tifa_after']:.3f}.
+
+## Memorization (`{mem['target']}`: {cfg.mem_duplicated} images x {cfg.mem_copies} copies among {cfg.mem_unique} unique)
+{mem['n_generations']} generations from the duplicated images' captions; a generation is a copy when its tiled
+l2 distance to the nearest training image is below {mem['threshold']} (calibrated on this world, eval/memorization.py).
+
+| setting | sources | copy rate | mean nearest distance | Wen score (first steps) |
+|---|---|---|---|---|
+| alone | {', '.join(mem['alone']['sources'])} | {mem['alone']['copy_rate']:.3f} | {mem['alone']['mean_nearest_distance']:.3f} | {mem['alone']['wen_mean']:.3f} |
+| composed ({mem['router']}) | {len(mem['composed']['sources'])} sources | {mem['composed']['copy_rate']:.3f} | {mem['composed']['mean_nearest_distance']:.3f} | {mem['composed']['wen_mean']:.3f} |
+
+Held-out renders of the domain (never trained on) score a copy rate of {mem.get('heldout_floor', float('nan')):.3f}:
+the floor of a model that draws the same scenes without copying.
 """
     write_text(out / "report.md", text)
     return out / "report.md"
