@@ -42,6 +42,7 @@ class ExperimentConfig:
     paragon_steps: int = 2400    # the paragon sees all data: half the 8 sources' total budget (8 x 600)
     domain_adapters: str = ""    # reuse trained domain adapters (folder of <domain>/), "" = train here
     routers: list[str] = field(default_factory=lambda: ["uniform", "classifier", "ratio", "ito"])
+    split_routers: list[str] = field(default_factory=lambda: ["uniform", "classifier"])  # for the split sources
     router_steps: int = 400      # classifier / ratio-head training steps (prompt-cdm router train's default)
     n_eval: int = 16             # held-out captions per domain
     sample_steps: int = 25
@@ -166,11 +167,12 @@ def stage_eval(cfg: ExperimentConfig, out: Path) -> dict:
     from .adapter_quality import adapter_images
     from .world_scoring import heldout, score_world, shipped_judge
 
-    kw = dict(domains=cfg.domain_list, routers=cfg.routers, n=cfg.n_eval, steps=cfg.sample_steps,
-              guidance=cfg.guidance, seed=cfg.seed, backbone=cfg.backbone, router_steps=cfg.router_steps)
-    dom = cq.evaluate(str(domain_adapters(cfg, out)), str(out / "data"), str(out / "eval_domains"), **kw)
+    kw = dict(domains=cfg.domain_list, n=cfg.n_eval, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
+              backbone=cfg.backbone, router_steps=cfg.router_steps)
+    dom = cq.evaluate(str(domain_adapters(cfg, out)), str(out / "data"), str(out / "eval_domains"),
+                      routers=cfg.routers, **kw)
     spl = cq.evaluate(str(out / "cdm_splits" / "adapters"), str(out / "splits"), str(out / "eval_splits"),
-                      sources=[f"split{i}" for i in range(cfg.splits)], **kw)
+                      routers=cfg.split_routers, sources=[f"split{i}" for i in range(cfg.splits)], **kw)
     pipe, judge = load_quietly(cfg.backbone), shipped_judge()
     paragon = {}
     for d in cfg.domain_list:
