@@ -9,33 +9,20 @@ from pathlib import Path
 
 import torch
 
-from . import fid, tifa
-
 
 def evaluate_domain(pipe, judge, domain: str, n: int = 200, steps: int = 25, guidance: float = 5.0,
                     seed: int = 0, n_ref: int = 1000):
     """Generate from n held-out captions of `domain`; return (metrics, generated images)."""
     from prompt_cdm.generate import text_to_image
-    from prompt_cdm.world.dataset import examples
-    from prompt_cdm.world.questions import questions_for
 
-    held = examples(domain, n, seed=seed, heldout=True)
-    prompts = [e.caption for e in held]
+    from .world_scoring import heldout, score_world
+
+    held = heldout(domain, n, seed)
     t0 = time.time()
-    images = text_to_image(pipe, prompts, steps=steps, guidance_scale=guidance, seed=seed, progress=True)
+    images = text_to_image(pipe, [e.caption for e in held], steps=steps, guidance_scale=guidance, seed=seed,
+                           progress=True)
     gen_s = time.time() - t0
-    recs, owners = [], []
-    for k, e in enumerate(held):
-        qs = questions_for(e.spec, e.caption, f"{domain}_{k}")
-        recs += qs
-        owners += [k] * len(qs)
-    specs = judge.read(images, domain)
-    from prompt_cdm.world.questions import answer_program
-
-    answers = [answer_program(specs[o], r["program"]) for r, o in zip(recs, owners)]
-    res = tifa.score(recs, answers)
-    ref = examples(domain, n_ref, seed=seed + 1, heldout=True)
-    res["fid_judge"] = fid.frechet_distance(judge.features(images), judge.features([e.image for e in ref]))
+    res = score_world(judge, domain, held, images, n_ref=n_ref, seed=seed)
     res["seconds_per_image"] = gen_s / n
     return res, images
 
