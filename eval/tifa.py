@@ -17,11 +17,12 @@ and named in the result; `run_tifa` writes what it could score, then raises Eval
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+from prompt_cdm.io import read_json
 
 from .errors import EvalError
 
@@ -97,10 +98,7 @@ def load_questions(path: str | Path) -> QuestionFile:
     if not path.is_file():
         raise EvalError(f"question file {path} does not exist (write one with `prompt-cdm world questions` "
                         "or use TIFA's tifa_v1.0_question_answers.json)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalError(f"question file {path} is not valid JSON ({e})") from None
+    data = read_json(path, EvalError, "a TIFA question file is a JSON list of records")
     if not isinstance(data, list):
         raise EvalError(f"question file {path} must be a JSON list of TIFA records, got a {type(data).__name__}")
     records, problems = [], []

@@ -234,9 +234,16 @@ def _add_eval_parsers(e) -> None:
 
 
 def cmd_demo(a) -> None:
-    from .demo import run_demo
+    from .demo import DemoConfig, DemoError, run_demo
 
-    report = run_demo(a.out, n=a.n, steps=a.steps, guidance=a.guidance)
+    try:
+        cfg = DemoConfig(out=a.out, domains=tuple(d.strip() for d in a.domains.split(",") if d.strip()),
+                         n_images=a.n_images, train_steps=a.train_steps, router_steps=a.router_steps, n=a.n,
+                         steps=a.steps, guidance=a.guidance, router=a.router, forget=a.forget or "", seed=a.seed,
+                         threads=a.threads)
+        report = run_demo(cfg)
+    except (DemoError, *_train_errors()) as e:
+        raise UsageError(str(e)) from None
     print(f"report -> {report}")
 
 
@@ -774,10 +781,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parsers(e)
 
     d = sub.add_parser("demo", help="run the whole story on the embedded default; writes images and report.md")
-    d.add_argument("--out", default="demo_out", help="output folder")
-    d.add_argument("--n", type=int, default=200, help="held-out captions per domain for the figures")
+    d.add_argument("--out", default="demo_out", help="output folder (the same folder again reuses what is done)")
+    d.add_argument("--domains", default="stars,striped,purple_orange", metavar="A,B,...",
+                   help="source domains, one LoRA source each (at least two)")
+    d.add_argument("--n-images", type=int, default=500, help="training images per source")
+    d.add_argument("--train-steps", type=int, default=300, help="LoRA training steps per source (batch 8)")
+    d.add_argument("--router-steps", type=int, default=400, help="classifier / ratio-head training steps")
+    d.add_argument("--n", type=int, default=32, help="held-out captions per domain for judge-TIFA and FID")
     d.add_argument("--steps", type=int, default=25, help="sampling steps")
     d.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    d.add_argument("--router", default="classifier", help="router of the composition: classifier or ratio")
+    d.add_argument("--forget", default=None, metavar="SOURCE", help="the source to forget (default: the first)")
+    d.add_argument("--seed", type=int, default=0, help="render, training and sampling seed")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: a second thread made the tiny UNet slower on a busy 2-core machine)")
     d.set_defaults(func=cmd_demo)
     x = sub.add_parser("experiment", help="the CDM paper's table on the embedded world (resumable; report.md)")
     _add_recipe_args(x)

@@ -77,3 +77,11 @@ def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old)
     return dest
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], fix: str = ""):
+    """The parsed JSON file at `path`; text that is not UTF-8 JSON raises `error` naming the file (and `fix`)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e})" + (f"; {fix}" if fix else "")) from None

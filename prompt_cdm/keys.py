@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
@@ -26,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .io import write_json
+from .io import read_json, write_json
 from .registry import SERVE as SERVE_DIR
 
 KEYS_FILE = "keys.json"
@@ -95,10 +94,7 @@ class KeyStore:
         if stamp is None:
             data = {"format": FORMAT, "version": VERSION, "keys": {}}
         else:
-            try:
-                data = json.loads(self.path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise KeyStoreError(f"{self.path} is not valid JSON ({e})") from None
+            data = read_json(self.path, KeyStoreError)
             if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION \
                     or not isinstance(data.get("keys"), dict):
                 raise KeyStoreError(f"{self.path} is not a {FORMAT} v{VERSION} key file")

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from .io import sha256_file, write_json
+from .io import read_json, sha256_file, write_json
 
 REGISTRY_FILE = "registry.json"
 ADAPTERS, ROUTERS, CACHES, MANIFESTS = "adapters", "routers", "caches", "manifests"
@@ -84,11 +84,7 @@ class Registry:
         if not path.is_file():
             raise RegistryError(f"{self.folder} is not a registry (no {REGISTRY_FILE}); create one with "
                                 "`prompt-cdm registry init --registry DIR --backbone NAME`")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RegistryError(f"{path} is not valid JSON ({e})") from None
-        self.data = self._validate(data, path)
+        self.data = self._validate(read_json(path, RegistryError), path)
 
     # -- the index --------------------------------------------------------------------------------
 

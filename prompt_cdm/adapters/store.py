@@ -32,7 +32,7 @@ except ImportError:  # an editable install made before prompt_cdm/__init__.py ex
 
     __version__ = _version("prompt-cdm")
 from ..config import ConfigError, from_dict, to_dict
-from ..io import atomic_path, replace_dir, save_image, save_safetensors, write_json, write_text
+from ..io import atomic_path, read_json, replace_dir, save_image, save_safetensors, write_json, write_text
 from . import card, lora, soft_prompt
 from .errors import AdapterError
 from .lora import LoraAdapter, LoraAdapterConfig
@@ -250,10 +250,7 @@ def read_adapter_config(folder: str | os.PathLike) -> AdapterConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{path} is missing; an adapter folder needs it -- re-save the adapter with save_adapter")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path} is not valid JSON ({e}); re-save the adapter with save_adapter") from None
+    data = read_json(path, AdapterError, "re-save the adapter with save_adapter")
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object; re-save the adapter with save_adapter")
     valid = [f.name for f in dataclasses.fields(AdapterConfig)]
