@@ -28,7 +28,9 @@ def _pipe(backbone: str, sample_size: int):
     from prompt_cdm.backbone import build_sd15_shaped, freeze, load_quietly
 
     if backbone == "sd15-shaped":
-        return freeze(build_sd15_shaped(seed=0, sample_size=sample_size))
+        pipe = freeze(build_sd15_shaped(seed=0, sample_size=sample_size))
+        pipe.backbone_name = "sd15-shaped"
+        return pipe
     return load_quietly(backbone)
 
 

@@ -1,6 +1,7 @@
 """Adapter training throughput: prompt_cdm's cached path vs a naive loop, per adapter kind.
 
     python -m eval.bench.train --steps 150 --threads 2
+    python -m eval.bench.train --backbone sd15-shaped --sample-size 16 --steps 10 --batch 2 --n-images 40
 
 The cached path is `prompt_cdm.train.train_adapter` itself (VAE latents and, for LoRA, the caption
 embeddings computed once per source; the soft prompt still runs the text encoder on its ids every
@@ -98,12 +99,13 @@ def run_naive(pipe, source, kind: str, steps: int, batch: int) -> dict:
 
 def worker(a) -> None:
     """One (kind, path) in this process; prints one JSON line."""
-    from prompt_cdm.backbone import load_quietly
     from prompt_cdm.sources import open_source
+
+    from .compose import _pipe
 
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_quietly(a.backbone).to(device)
+    pipe = _pipe(a.backbone, a.sample_size).to(device)
     source = open_source(a.data)
     base_mb = _peak_mb(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +119,8 @@ def worker(a) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="tiny")
+    p.add_argument("--backbone", default="tiny", help="'tiny', 'sd15-shaped' (random weights) or an SD folder")
+    p.add_argument("--sample-size", type=int, default=16, help="sd15-shaped: latent size (images are 8x larger)")
     p.add_argument("--domain", default="stars", help="shapes-world domain rendered as the source")
     p.add_argument("--n-images", type=int, default=500)
     p.add_argument("--steps", type=int, default=150)
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from prompt_cdm.world.dataset import render_domain
 
-    cmd = (f"python -m eval.bench.train --backbone {a.backbone} --domain {a.domain} --n-images {a.n_images} "
+    cmd = (f"python -m eval.bench.train --backbone {a.backbone} --sample-size {a.sample_size} --domain {a.domain} "
+           f"--n-images {a.n_images} "
            f"--steps {a.steps} --batch {a.batch} --threads {a.threads} --kinds {a.kinds}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             for path in PATHS:
                 out = subprocess.run([sys.executable, "-m", "eval.bench.train", "--worker", "--kind", kind,
                                       "--path", path, "--data", str(data), "--backbone", a.backbone,
+                                      "--sample-size", str(a.sample_size),
                                       "--steps", str(a.steps), "--batch", str(a.batch), "--threads",
                                       str(a.threads)], capture_output=True, text=True, check=False)
                 if out.returncode != 0:
