@@ -57,13 +57,14 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
 
 
 def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: list[str], true_index: int | None,
-                 steps: int, guidance: float, seed: int):
-    """Images + attribution of composing every source with `router` on one domain's prompts."""
+                 steps: int, guidance: float, seed: int, uncond: str = "shared"):
+    """Images + attribution of composing every source with `router` on one domain's prompts.
+    uncond: the guidance's unconditional row(s), compose.UNCOND_MODES."""
     from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, make_estimator
 
     name, sparse = router.split("+")[0], router.endswith("+sparse")
     est, ctx = make_estimator(name, names, scheduler=pipe.scheduler, registry=reg)
-    res = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed,
+    res = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed, uncond=uncond,
                          sparse_eps=SPARSE_EPS if sparse else 0.0, warmup_frac=SPARSE_WARMUP if sparse else 0.0,
                          router_context=ctx, progress=True)
     credit = torch.cat([tr.credit() for tr in res.traces])  # [N x n]
@@ -77,7 +78,7 @@ def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: lis
 
 def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = None, routers=ROUTERS, n: int = 32,
              steps: int = 25, guidance: float = 5.0, seed: int = 0, backbone: str = "tiny",
-             sources: list[str] | None = None, router_steps: int = 400) -> dict:
+             sources: list[str] | None = None, router_steps: int = 400, uncond: str = "shared") -> dict:
     """Cells "<router>/<domain>" (and "own/<domain>") -> metrics, plus a per-router summary.
 
     domains: the prompt domains. sources: the registry's source names, one folder each under `adapters`
@@ -102,7 +103,7 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
     res_path = out_p / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() else {"cells": {}}
     results.update({"n": n, "steps": steps, "guidance": guidance, "seed": seed, "domains": domains,
-                    "sources": names, "adapters": adapters})
+                    "sources": names, "adapters": adapters, "uncond": uncond})
     if router_report:
         results["router_training"] = router_report
     cells = results["cells"]
@@ -133,7 +134,7 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
                     continue
                 t0 = time.time()
                 res, attribution = compose_cell(pipe, reg, composed, names, router, [e.caption for e in held[d]],
-                                                i if per_domain else None, steps, guidance, seed)
+                                                i if per_domain else None, steps, guidance, seed, uncond)
                 cells[key] = dict(score_world(judge, d, held[d], res.images, ref_features=ref(d)), **attribution,
                                   seconds=time.time() - t0)
                 shown += res.images[:4]
@@ -214,12 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--uncond", default="shared", help="guidance's unconditional row: shared (frozen backbone, n+1 "
+                   "rows) or per-source (2n rows)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     res = evaluate(a.adapters, a.data, a.out, a.domains.split(",") if a.domains else None, a.routers.split(","),
                    n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed,
-                   sources=a.sources.split(",") if a.sources else None)
+                   sources=a.sources.split(",") if a.sources else None, uncond=a.uncond)
     print(table(res["summary"]))
 
 

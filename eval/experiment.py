@@ -44,6 +44,9 @@ class ExperimentConfig:
     routers: list[str] = field(default_factory=lambda: ["uniform", "classifier", "ratio", "ito"])
     split_routers: list[str] = field(default_factory=lambda: ["uniform", "classifier"])  # for the split sources
     router_steps: int = 400      # classifier / ratio-head training steps (prompt-cdm router train's default)
+    # guidance's unconditional row: per-source (each source's own model, 2n rows; what a single adapter does in
+    # diffusers, so the paragon and the compositions are guided alike) or shared (the frozen backbone, n+1 rows)
+    uncond: str = "per-source"
     n_eval: int = 16             # held-out captions per domain
     sample_steps: int = 25
     guidance: float = 5.0
@@ -67,6 +70,8 @@ class ExperimentConfig:
             raise ValueError(f"forget={self.forget!r} is not one of the domains {doms}")
         if self.mem_domain not in doms:
             raise ValueError(f"mem_domain={self.mem_domain!r} is not one of the domains {doms}")
+        if self.uncond not in ("shared", "per-source"):
+            raise ValueError(f"uncond must be shared or per-source, got {self.uncond!r}")
         if min(self.n_images, self.splits, self.steps, self.paragon_steps, self.n_eval, self.sample_steps) < 1:
             raise ValueError("n_images, splits, steps, paragon_steps, n_eval and sample_steps must be >= 1")
 
@@ -168,7 +173,7 @@ def stage_eval(cfg: ExperimentConfig, out: Path) -> dict:
     from .world_scoring import heldout, score_world, shipped_judge
 
     kw = dict(domains=cfg.domain_list, n=cfg.n_eval, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
-              backbone=cfg.backbone, router_steps=cfg.router_steps)
+              backbone=cfg.backbone, router_steps=cfg.router_steps, uncond=cfg.uncond)
     dom = cq.evaluate(str(domain_adapters(cfg, out)), str(out / "data"), str(out / "eval_domains"),
                       routers=cfg.routers, **kw)
     spl = cq.evaluate(str(out / "cdm_splits" / "adapters"), str(out / "splits"), str(out / "eval_splits"),
@@ -213,7 +218,7 @@ def stage_forget(cfg: ExperimentConfig, out: Path, train_res: dict, eval_res: di
         router_s = time.time() - t0
     after = cq.evaluate(str(domain_adapters(cfg, out)), str(out / "data"), str(out / "forget"), domains=rest,
                         routers=[router], n=cfg.n_eval, steps=cfg.sample_steps, guidance=cfg.guidance,
-                        seed=cfg.seed, backbone=cfg.backbone, router_steps=cfg.router_steps)
+                        seed=cfg.seed, backbone=cfg.backbone, router_steps=cfg.router_steps, uncond=cfg.uncond)
     before = [eval_res["domain_cells"][f"{router}/{d}"] for d in rest]
     fid_before = sum(c["fid_judge"] for c in before) / len(before)
     tifa_before = sum(c["score"] for c in before) / len(before)

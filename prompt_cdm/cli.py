@@ -787,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-images", type=int, default=500, help="training images per source")
     d.add_argument("--train-steps", type=int, default=300, help="LoRA training steps per source (batch 8)")
     d.add_argument("--router-steps", type=int, default=400, help="classifier / ratio-head training steps")
-    d.add_argument("--n", type=int, default=32, help="held-out captions per domain for judge-TIFA and FID")
+    d.add_argument("--n", type=int, default=24, help="held-out captions per domain for judge-TIFA and FID")
     d.add_argument("--steps", type=int, default=25, help="sampling steps")
     d.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     d.add_argument("--router", default="classifier", help="router of the composition: classifier or ratio")

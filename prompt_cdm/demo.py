@@ -33,7 +33,7 @@ import torch
 DEFAULT_DOMAINS = ("stars", "striped", "purple_orange")
 POLICY = "partner"
 SHOWN_PER_DOMAIN = 2      # held-out captions per domain in samples.png and in the trace plots
-RATIO_CREDIT_N = 8        # captions per domain on which the ratio heads' attribution is measured (credit only)
+RATIO_CREDIT_N = 4        # captions per domain on which the ratio heads' attribution is measured (credit only)
 STATE_FILE = "stages.json"
 
 
@@ -43,7 +43,7 @@ class DemoError(ValueError):
 
 @dataclass
 class DemoConfig:
-    """What `prompt-cdm demo` runs. Defaults: about 8-9 minutes on 2 busy CPU cores (README)."""
+    """What `prompt-cdm demo` runs. Defaults: about 10 minutes on one core of a 2-core machine."""
 
     out: str = field(default="demo_out", metadata={"help": "output folder (re-use it to resume / reuse adapters)"})
     domains: tuple[str, ...] = field(default=DEFAULT_DOMAINS, metadata={"help": "source domains, one source each"})
@@ -51,10 +51,16 @@ class DemoConfig:
     # 300 of the recipe's 600 steps: the loss curve of a 600-step LoRA is flat after ~300 (runs/cdm_lora)
     train_steps: int = field(default=300, metadata={"help": "LoRA training steps per source (batch 8)"})
     router_steps: int = field(default=400, metadata={"help": "classifier / ratio-head training steps"})
-    n: int = field(default=32, metadata={"help": "held-out captions per domain for TIFA/FID"})
+    # 24: the composition (2n UNet rows per image) is the costliest part; 32 took the demo to ~11 min (measured)
+    n: int = field(default=24, metadata={"help": "held-out captions per domain for TIFA/FID"})
     steps: int = field(default=25, metadata={"help": "sampling steps"})
     guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
     router: str = field(default="classifier", metadata={"help": "router of the composition: classifier | ratio"})
+    # per-source: each source's guided prediction uses its own adapter's unconditional row (2n UNet rows per image).
+    # "shared" (the frozen backbone's unconditional row, n+1 rows) multiplies each adapter's departure from the
+    # backbone by the guidance scale: with these adapters (trained without caption dropout) it over-draws the
+    # domain's look (one `striped` source alone, 8 captions: FID 1713 shared vs 309 per-source; measured)
+    uncond: str = field(default="per-source", metadata={"help": "guidance's unconditional row: per-source | shared"})
     forget: str = field(default="", metadata={"help": "the source to forget ('' = the first domain)"})
     seed: int = field(default=0, metadata={"help": "render, training and sampling seed"})
     # 1: the tiny models gain nothing from a second thread, and on a 2-core machine shared with other jobs
@@ -75,6 +81,8 @@ class DemoConfig:
             raise DemoError(f"--forget {self.forget} is not one of --domains {','.join(self.domains)}")
         if self.router not in ("classifier", "ratio"):
             raise DemoError(f"--router must be classifier or ratio, got {self.router!r}")
+        if self.uncond not in ("per-source", "shared"):
+            raise DemoError(f"--uncond must be per-source or shared, got {self.uncond!r}")
         for name in ("n_images", "train_steps", "router_steps", "n", "steps", "threads"):
             if getattr(self, name) < 1:
                 raise DemoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -91,8 +99,8 @@ class DemoConfig:
     def command(self) -> str:
         d = DemoConfig()
         parts = [f"prompt-cdm demo --out {self.out}"]
-        for f in ("domains", "n_images", "train_steps", "router_steps", "n", "steps", "guidance", "router", "forget",
-                  "seed", "threads"):
+        for f in ("domains", "n_images", "train_steps", "router_steps", "n", "steps", "guidance", "router", "uncond",
+                  "forget", "seed", "threads"):
             v, default = getattr(self, f), getattr(d, f)
             if f == "forget" and v == self.domains[0]:
                 continue
@@ -183,6 +191,10 @@ def stage_registry(cfg: DemoConfig, out: Path, pipe) -> dict:
     routers = {}
     for name, e in reg.routers.items():
         meta = json.loads((reg.router_dir(name) / "router.json").read_text())
+        trained = meta.get("config", {}).get("train", {}).get("steps")
+        if trained != cfg.router_steps:
+            raise DemoError(f"router {name!r} in {reg.folder} was trained for {trained} steps, not {cfg.router_steps}; "
+                            f"pass --router-steps {trained} or delete {out / 'compose'}")
         routers[name] = {"kind": e["kind"], "sources_seen": e["sources_seen"],
                          "seconds": meta.get("config", {}).get("report", {}).get("seconds")}
     return {"folder": str(reg.folder), "sources": reg.sources, "routers": routers}
@@ -204,7 +216,7 @@ def stage_samples(cfg: DemoConfig, out: Path, pipe) -> dict:
     names = list(cfg.domains)
     held = [e for d in names for e in heldout(d, cfg.n, cfg.seed)[:SHOWN_PER_DOMAIN]]
     prompts = [e.caption for e in held]
-    kw = dict(steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed)
+    kw = {"steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed}
     rows = [("true render", [e.image for e in held]),
             ("frozen backbone", text_to_image(pipe, prompts, steps=cfg.steps, guidance_scale=cfg.guidance,
                                               seed=cfg.seed, batch_size=16, progress=True))]
@@ -212,7 +224,7 @@ def stage_samples(cfg: DemoConfig, out: Path, pipe) -> dict:
         rows.append((f"{s} alone", adapter_images(pipe, reg.adapter_dir(s), prompts, **kw)))
     sources, loaded = load_sources(pipe, None, reg, names)
     try:
-        res, _ = compose_cell(pipe, reg, sources, names, cfg.router, prompts, None, **kw)
+        res, _ = compose_cell(pipe, reg, sources, names, cfg.router, prompts, None, **kw, uncond=cfg.uncond)
     finally:
         for h in reversed(loaded):
             h.remove()
@@ -223,7 +235,8 @@ def stage_samples(cfg: DemoConfig, out: Path, pipe) -> dict:
 
 
 def _compose_settings(cfg: DemoConfig) -> dict:
-    return {"n": cfg.n, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed, "domains": list(cfg.domains)}
+    return {"n": cfg.n, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed, "domains": list(cfg.domains),
+            "uncond": cfg.uncond}
 
 
 def stage_quality(cfg: DemoConfig, out: Path, pipe) -> dict:
@@ -240,7 +253,7 @@ def stage_quality(cfg: DemoConfig, out: Path, pipe) -> dict:
             res_path.unlink()
     comp = evaluate(str(out / "adapters"), str(out / "data"), str(out / "compose"), list(cfg.domains),
                     routers=[cfg.router], n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
-                    router_steps=cfg.router_steps)
+                    router_steps=cfg.router_steps, uncond=cfg.uncond)
     judge = shipped_judge()
     cells = {}
     for d in ("base", *cfg.domains):  # the frozen backbone: what `prompt-cdm eval backbone` measures
@@ -274,7 +287,7 @@ def stage_ratio_credit(cfg: DemoConfig, out: Path, pipe) -> dict:
         for i, d in enumerate(names):
             held = heldout(d, cfg.n, cfg.seed)[:RATIO_CREDIT_N]
             res, att = compose_cell(pipe, reg, sources, names, "ratio", [e.caption for e in held], i, cfg.steps,
-                                    cfg.guidance, cfg.seed)
+                                    cfg.guidance, cfg.seed, cfg.uncond)
             credit[d] = att
             traces += [dict(res.trace_json(names, k), prompt=f"[{d}] {held[k].caption}")
                        for k in range(min(SHOWN_PER_DOMAIN, len(held)))]
@@ -297,7 +310,8 @@ def _compose_figure(pipe, reg, names: list[str], router: str, prompts: list[str]
 
     sources, loaded = load_sources(pipe, None, reg, names)
     try:
-        res, _ = compose_cell(pipe, reg, sources, names, router, prompts, None, cfg.steps, cfg.guidance, cfg.seed)
+        res, _ = compose_cell(pipe, reg, sources, names, router, prompts, None, cfg.steps, cfg.guidance, cfg.seed,
+                              cfg.uncond)
     finally:
         for h in reversed(loaded):
             h.remove()
@@ -386,8 +400,8 @@ def _f(v, fmt=".3f") -> str:
 
 def _quality_table(cfg: DemoConfig, cells: dict) -> str:
     r = cfg.router
-    lines = ["| domain | frozen TIFA | own adapter TIFA | composition TIFA | frozen FID | own adapter FID | "
-             "composition FID |", "|---|---|---|---|---|---|---|"]
+    lines = ["| domain | frozen TIFA | own adapter TIFA | composition TIFA | frozen FID | own adapter FID | composition FID |",
+             "|---|---|---|---|---|---|---|"]
     for d in ("base", *cfg.domains):
         row = [cells.get(f"{s}/{d}") for s in ("frozen", "own", r)]
         lines.append(f"| {d}{'' if d != 'base' else ' (pretraining domain)'} | "
@@ -427,10 +441,54 @@ def _per_prompt_credit(credit: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _verdicts(cfg: DemoConfig, res: dict) -> str:
+    """The story's claims against this run's numbers (means over the source domains)."""
+    names, r, cells = list(cfg.domains), cfg.router, res["quality"]["cells"]
+    mean = {s: {k: sum(cells[f"{s}/{d}"][k] for d in names) / len(names) for k in ("score", "fid_judge")}
+            for s in ("frozen", "own", r)}
+    fid_better = [d for d in names if cells[f"own/{d}"]["fid_judge"] < cells[f"frozen/{d}"]["fid_judge"]]
+    tifa_better = [d for d in names if cells[f"own/{d}"]["score"] > cells[f"frozen/{d}"]["score"]]
+    fid_gap = mean[r]["fid_judge"] / mean["own"]["fid_judge"] - 1
+    top = [d for d in names if cells[f"{r}/{d}"]["top1"] >= 0.5]
+    credit = sum(cells[f"{r}/{d}"]["true_credit"] for d in names) / len(names)
+    fg, pol = res["forget"], res["policy"]
+    fm, tm = {s: f"{v['fid_judge']:.1f}" for s, v in mean.items()}, {s: f"{v['score']:.3f}" for s, v in mean.items()}
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    rows = [
+        ("each source's own adapter draws its domain better than the frozen backbone",
+         (f"FID better in {len(fid_better)}/{len(names)} domains ({', '.join(fid_better) or 'none'}), judge-TIFA in "
+          f"{len(tifa_better)}/{len(names)}; means: FID {fm['frozen']} -> {fm['own']}, TIFA {tm['frozen']} -> "
+          f"{tm['own']}"), yes(len(fid_better) == len(names))),
+        (f"composing all sources ({r}) costs little against each source alone (CDM: within 10% FID)",
+         f"FID {fm['own']} -> {fm[r]} ({fid_gap:+.0%}), TIFA {tm['own']} -> {tm[r]}", yes(fid_gap <= 0.10)),
+        ("attribution credits the caption's own source most",
+         (f"mean credit of the true source {credit:.2f} (uniform {1 / len(names):.2f}); it is the top source for "
+          f"at least half of the captions in {len(top)}/{len(names)} domains ({', '.join(top) or 'none'})"),
+         yes(len(top) == len(names))),
+        (f"forgetting `{fg['forgotten']}` is exact and immediate",
+         f"{fg['forget_seconds']:.2f} s; `verify`: {len(fg['verify'])} problem(s); generating with it refused",
+         yes(not fg["verify"] and "generate" in fg["refusals"])),
+        (f"an access policy limits a caller to {', '.join(pol['allowed'])}",
+         f"`{pol['outside']}` refused under it", yes(bool(pol["refusal"]))),
+    ]
+    lines = ["| claim | this run | holds here? |", "|---|---|---|"]
+    lines += [f"| {c} | {m} | {v} |" for c, m, v in rows]
+    return "\n".join(lines)
+
+
 def write_report(cfg: DemoConfig, out: Path, res: dict, times: dict, wall: float) -> Path:
     from .io import write_text
 
-    o, names, r = cfg.out, list(cfg.domains), cfg.router
+    o, names, r, u = cfg.out, list(cfg.domains), cfg.router, cfg.uncond
+    rows = 2 * len(names) if u == "per-source" else len(names) + 1
+    uncond_note = ("guidance with each source's own unconditional row; `--uncond shared` uses the frozen backbone's "
+                   "one row instead (n+1 rows), which multiplies each adapter's departure from the backbone by the "
+                   "guidance scale -- compare the two" if u == "per-source" else
+                   "guidance with the frozen backbone's one unconditional row; `--uncond per-source` gives each "
+                   "source its own (2n rows)")
     doms = ",".join(names)
     tr, reg, smp, q, pol, fg = (res[k] for k in ("sources", "registry", "samples", "quality", "policy", "forget"))
     cells = q["cells"]
@@ -457,9 +515,6 @@ def write_report(cfg: DemoConfig, out: Path, res: dict, times: dict, wall: float
     reused = [v for v in times.values() if v["reused"]]
     rerun = (f" This run reused {len(reused)} finished stage(s) of an earlier run with the same settings (their first "
              f"run: {sum(v['first_run_seconds'] for v in reused) / 60:.1f} min)." if reused else "")
-    mean = {s: {k: sum(cells[f"{s}/{d}"][k] for d in names) / len(names) for k in ("score", "fid_judge")}
-            for s in ("frozen", "own", r)}
-    true_credit = sum(cells[f"{r}/{d}"].get("true_credit", 0.0) for d in names) / len(names)
     verify = "**nothing remains** (`verify` finds no problem)" if not fg["verify"] else \
         "problems: " + "; ".join(fg["verify"])
     sep = "\n"
@@ -467,14 +522,10 @@ def write_report(cfg: DemoConfig, out: Path, res: dict, times: dict, wall: float
 
 Command: `{cfg.command()}`
 Wall time **{wall / 60:.1f} min** on {cfg.threads} torch thread(s) ({platform.processor() or platform.machine()},
-{_cpus()} CPU cores shared with other jobs).{rerun} Every number and picture below comes from this run (`results.json`).
+{_cpus()} CPU cores).{rerun} Every number and picture below comes from this run (`results.json`).
 
-**In short.** Mean over the {len(names)} source domains ({cfg.n} held-out captions each): judge-TIFA frozen backbone
-{mean['frozen']['score']:.3f}, each source's own adapter {mean['own']['score']:.3f}, all sources composed
-({r} router) {mean[r]['score']:.3f}; FID {mean['frozen']['fid_judge']:.1f} / {mean['own']['fid_judge']:.1f} /
-{mean[r]['fid_judge']:.1f}. The composition gives a caption's own source a mean credit of {true_credit:.2f}
-(uniform would be {1 / len(names):.2f}). Forgetting `{fg['forgotten']}` took {fg['forget_seconds']:.2f} s and `verify`
-found {'nothing of it left' if not fg['verify'] else str(len(fg['verify'])) + ' problem(s)'}.
+## What this run shows
+{_verdicts(cfg, res)}
 
 Backbone `tiny` (fingerprint `{bi['fingerprint']}`): UNet {bi['unet_params'] / 1e6:.2f}M, VAE
 {bi['vae_params'] / 1e6:.2f}M, text encoder {bi['text_params'] / 1e6:.2f}M parameters, frozen; pretrained on the
@@ -516,18 +567,18 @@ Columns: {SHOWN_PER_DOMAIN} held-out captions of each of {', '.join(names)} (`sa
 bottom: {'; '.join(smp['rows'])}. Every column starts from the same noise ({cfg.steps} Euler-ancestral steps,
 guidance {cfg.guidance}). Each adapter row:
 `prompt-cdm generate --adapter {o}/adapters/SOURCE --prompts {o}/samples_prompts.txt --out SOURCE.png`; the
-composition row: `prompt-cdm generate --registry {reg['folder']} --router {r} --prompts {o}/samples_prompts.txt --out composed.png`.
+composition row: `prompt-cdm generate --registry {reg['folder']} --router {r} --uncond {u} --prompts {o}/samples_prompts.txt --out composed.png`.
 
 ## 4. Quality: judge-TIFA and FID per domain ({cfg.n} held-out captions each)
 ```
 prompt-cdm eval backbone --backbone tiny --domains base,{doms} --n {cfg.n} --steps {cfg.steps} --guidance {cfg.guidance}     # frozen
-python -m eval.composition_quality --adapters {o}/adapters --data {o}/data --domains {doms} --routers {r} --n {cfg.n} --steps {cfg.steps} --guidance {cfg.guidance} --threads {cfg.threads} --out {o}/compose   # own, composition
+python -m eval.composition_quality --adapters {o}/adapters --data {o}/data --domains {doms} --routers {r} --n {cfg.n} --steps {cfg.steps} --guidance {cfg.guidance} --uncond {u} --threads {cfg.threads} --out {o}/compose   # own, composition
 ```
 {_quality_table(cfg, cells)}
 
 *frozen*: the backbone without adapters; *own adapter*: the domain's source alone (plain diffusers with its LoRA
 loaded); *composition*: all {len(names)} sources composed with the `{r}` router in one batched UNet pass per step
-({len(names) + 1} rows per image). judge-TIFA: TIFA's question-answering score with the world's judge as the VQA model
+({rows} UNet rows per image and step; {uncond_note}). judge-TIFA: TIFA's question-answering score with the world's judge as the VQA model
 (1.0 = every stated fact drawn); FID on the judge's features against 1000 held-out renders of the domain (lower is
 better). `base` is the frozen backbone's baseline on what it was pretrained on.
 
@@ -541,7 +592,7 @@ Images: `compose/samples_{r}.png` (4 per domain).
 ![traces](compose/trace_{r}.png)
 
 Weight w_i(x_t, t) of each source over the sampling steps ({r} router; the legend gives each source's credit = mean
-weight), {SHOWN_PER_DOMAIN} captions per domain. `prompt-cdm generate --registry {reg['folder']} --router {r} --prompt "..." --out img.png --trace trace.json` writes one.
+weight), {SHOWN_PER_DOMAIN} captions per domain. `prompt-cdm generate --registry {reg['folder']} --router {r} --uncond {u} --prompt "..." --out img.png --trace trace.json` writes one.
 Mean credit per source over the {cfg.n} captions of each domain (bold: the caption's own source):
 
 {_credit_table(names, comp_credit, f'{cfg.n} captions')}
@@ -556,7 +607,7 @@ The ratio heads (ours: each head saw only its own source) on the first {RATIO_CR
 ## 6. Access policy: a caller limited to {len(pol['allowed'])} source(s)
 ```
 prompt-cdm registry policy --registry {reg['folder']} set {POLICY} {','.join(pol['allowed'])}
-prompt-cdm generate --registry {reg['folder']} --policy {POLICY} --router {r} --prompts {o}/policy_prompts.txt --out policy.png --trace policy.json
+prompt-cdm generate --registry {reg['folder']} --policy {POLICY} --router {r} --uncond {u} --prompts {o}/policy_prompts.txt --out policy.png --trace policy.json
 prompt-cdm generate --registry {reg['folder']} --policy {POLICY} --sources {pol['outside']} --prompt "..." --out x.png   # refused
 ```
 ![policy](policy.png)
@@ -575,7 +626,7 @@ prompt-cdm registry forget --registry {fg['registry']} {fg['forgotten']}
 prompt-cdm registry verify --registry {fg['registry']}
 prompt-cdm generate --registry {fg['registry']} --sources {fg['forgotten']} --prompt "..." --out x.png        # refused
 prompt-cdm router train --registry {fg['registry']} --kind classifier --steps {cfg.router_steps}             # the stale classifier
-prompt-cdm generate --registry {fg['registry']} --router ratio --prompts {o}/forget_prompts.txt --out forget.png --trace forget.json
+prompt-cdm generate --registry {fg['registry']} --router ratio --uncond {u} --prompts {o}/forget_prompts.txt --out forget.png --trace forget.json
 ```
 - Forgetting took **{fg['forget_seconds']:.2f} s**: deleted {', '.join(f'`{p}`' for p in fg['deleted'])}; routers
   made stale (they saw its data together with others, their weights are deleted):
