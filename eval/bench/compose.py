@@ -12,7 +12,8 @@ Per step (n LoRA sources with random weights, one prompt, guidance on):
 With `--registry` (a registry with trained sources and a classifier router, e.g. from
 `python -m eval.composition_quality`): whole images, 25 steps, one held-out caption per source domain,
 seconds per image for one source's adapter alone, all sources dense, and all sources sparse
-(classifier weights, sources below 0.05 dropped after 20% of the steps). Ratios from one run.
+(classifier weights, sources below 0.05 dropped after 20% of the steps; `--uncond` per-source by default, as
+`prompt-cdm experiment`). Ratios from one run.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def step_costs(pipe, ns: list[int], repeats: int, prompt: str = "a red circle to
     return rows
 
 
-def image_costs(registry: str, steps: int = 25, seed: int = 0) -> dict:
+def image_costs(registry: str, steps: int = 25, seed: int = 0, uncond: str = "per-source") -> dict:
     """Seconds per image: one source alone vs every source dense vs sparse (classifier router)."""
     from prompt_cdm.backbone import load_quietly
     from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, load_sources, make_estimator
@@ -125,12 +126,12 @@ def image_costs(registry: str, steps: int = 25, seed: int = 0) -> dict:
 
         single = run(sources[:1], "uniform", "per-source", False)
         router = "classifier" if "classifier" in reg.routers else "ito"
-        dense = run(sources, router, "shared", False)
-        sparse = run(sources, router, "shared", True)
+        dense = run(sources, router, uncond, False)
+        sparse = run(sources, router, uncond, True)
     finally:
         for h in reversed(loaded):
             h.remove()
-    return {"n": len(names), "router": router, "single_s": single[0], "dense_s": dense[0], "sparse_s": sparse[0],
+    return {"n": len(names), "router": router, "uncond": uncond, "single_s": single[0], "dense_s": dense[0], "sparse_s": sparse[0],
             "single_rows": single[1], "dense_rows": dense[1], "sparse_rows": sparse[1],
             "sparse_over_single": sparse[0] / single[0], "dense_over_single": dense[0] / single[0]}
 
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--registry", default=None, help="also time whole images: single vs dense vs sparse")
     p.add_argument("--skip-steps", action="store_true", help="only the --registry image timings")
+    p.add_argument("--uncond", default="per-source", help="--registry images: per-source (2 rows per active source) "
+                   "or shared (1 + 1 per active source) unconditional rows")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cmd = "python -m eval.bench.compose " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -156,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows:
             print(f"| {r['n']} | {r['batched_s']:.4f} | {r['sequential_s']:.4f} | {r['speedup']:.2f}x |")
     if a.registry:
-        r = image_costs(a.registry)
-        print(f"\nper image, {r['n']} sources, router {r['router']}, 25 steps")
+        r = image_costs(a.registry, uncond=a.uncond)
+        print(f"\nper image, {r['n']} sources, router {r['router']}, uncond {r['uncond']}, 25 steps")
         print("| | s / image | UNet rows / image | vs one adapter |\n|---|---|---|---|")
         for k in ("single", "dense", "sparse"):
             print(f"| {k} | {r[k + '_s']:.3f} | {r[k + '_rows']:.0f} | {r[k + '_s'] / r['single_s']:.2f}x |")
