@@ -5,7 +5,8 @@
     python -m eval.bench.compose --registry runs/figs/compose/registry --threads 2      # + sparse vs dense
 
 Per step (n LoRA sources with random weights, one prompt, guidance on):
-- batched: `ComposedDenoiser` with the shared unconditional row, n + 1 UNet rows in ONE call;
+- batched: `ComposedDenoiser` in ONE UNet call, with the shared unconditional row (n + 1 rows) or with each
+  source's own (per-source, 2n rows);
 - sequential: what a diffusers user does without us, one single-adapter pass per source
   (`ComposedDenoiser` with that source and its own unconditional row: 2 rows, the adapter swapped in),
   n calls, 2n rows.
@@ -77,6 +78,8 @@ def step_costs(pipe, ns: list[int], repeats: int, prompt: str = "a red circle to
         rows = []
         for n in ns:
             batched = ComposedDenoiser(pipe, sources[:n], [prompt], get_estimator("uniform"), sched, uncond="shared")
+            batched_ps = ComposedDenoiser(pipe, sources[:n], [prompt], get_estimator("uniform"), sched,
+                                          uncond="per-source")
             singles = [ComposedDenoiser(pipe, [s], [prompt], get_estimator("uniform"), sched, uncond="per-source")
                        for s in sources[:n]]
 
@@ -84,14 +87,18 @@ def step_costs(pipe, ns: list[int], repeats: int, prompt: str = "a red circle to
                 batched.reset()
                 batched(x, t)
 
+            def one_batched_ps():
+                batched_ps.reset()
+                batched_ps(x, t)
+
             def one_by_one():
                 for d in singles:
                     d.reset()
                     d(x, t)
 
-            tb, ts = _timed(one_batched, repeats), _timed(one_by_one, repeats)
-            rows.append({"n": n, "batched_s": tb, "sequential_s": ts, "speedup": ts / tb,
-                         "rows_batched": n + 1, "rows_sequential": 2 * n})
+            tb, tp, ts = _timed(one_batched, repeats), _timed(one_batched_ps, repeats), _timed(one_by_one, repeats)
+            rows.append({"n": n, "batched_s": tb, "batched_per_source_s": tp, "sequential_s": ts, "speedup": ts / tb,
+                         "speedup_per_source": ts / tp, "rows_batched": n + 1, "rows_sequential": 2 * n})
             print(rows[-1], flush=True)
     finally:
         for s in sources:
@@ -155,9 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = step_costs(_pipe(a.backbone, a.sample_size), [int(v) for v in a.ns.split(",")], a.repeats)
         print(f"\none denoising step, backbone {a.backbone}" + (f" (latents {a.sample_size}x{a.sample_size})"
                                                                  if a.backbone == "sd15-shaped" else ""))
-        print("| n | batched s (n+1 rows) | sequential s (2n rows) | speed-up |\n|---|---|---|---|")
+        print("| n | batched, shared uncond (n+1 rows) | batched, per-source uncond (2n rows) | sequential (n calls "
+              "of 2 rows) | speed-up shared | speed-up per-source |\n|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['n']} | {r['batched_s']:.4f} | {r['sequential_s']:.4f} | {r['speedup']:.2f}x |")
+            print(f"| {r['n']} | {r['batched_s']:.4f} s | {r['batched_per_source_s']:.4f} s | {r['sequential_s']:.4f} s | "
+                  f"{r['speedup']:.2f}x | {r['speedup_per_source']:.2f}x |")
     if a.registry:
         r = image_costs(a.registry, uncond=a.uncond)
         print(f"\nper image, {r['n']} sources, router {r['router']}, uncond {r['uncond']}, 25 steps")
