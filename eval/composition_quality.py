@@ -101,9 +101,13 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
     pipe, judge = load_quietly(backbone), shipped_judge()
     reg, router_report = build_registry(pipe, Path(adapters), Path(data), out_p, names, router_steps=router_steps)
     res_path = out_p / "results.json"
+    settings = {"n": n, "steps": steps, "guidance": guidance, "seed": seed, "domains": domains, "sources": names,
+                "adapters": adapters, "uncond": uncond}
     results = json.loads(res_path.read_text()) if res_path.is_file() else {"cells": {}}
-    results.update({"n": n, "steps": steps, "guidance": guidance, "seed": seed, "domains": domains,
-                    "sources": names, "adapters": adapters, "uncond": uncond})
+    if any(results.get(k, v) != v for k, v in settings.items()):  # cells of other settings are not resumed
+        print(f"{res_path}: made with other settings; its cells are recomputed")
+        results = {"cells": {}}
+    results.update(settings)
     if router_report:
         results["router_training"] = router_report
     cells = results["cells"]

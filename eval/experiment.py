@@ -47,7 +47,7 @@ class ExperimentConfig:
     # guidance's unconditional row: per-source (each source's own model, 2n rows; what a single adapter does in
     # diffusers, so the paragon and the compositions are guided alike) or shared (the frozen backbone, n+1 rows)
     uncond: str = "per-source"
-    n_eval: int = 16             # held-out captions per domain
+    n_eval: int = 8              # held-out captions per domain
     sample_steps: int = 25
     guidance: float = 5.0
     seed: int = 0
