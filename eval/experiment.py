@@ -40,6 +40,11 @@ class ExperimentConfig:
     kind: str = "lora"           # adapter kind of every source and of the paragon
     steps: int = 600             # per source adapter (recipes/adapter_train.toml)
     paragon_steps: int = 2400    # the paragon sees all data: half the 8 sources' total budget (8 x 600)
+    batch_size: int = 8          # training batch of every adapter
+    lora_rank: int = 4
+    lora_lr: float = 1e-3
+    resolution: int = 0          # training resolution, 0 = the backbone's native size (tiny 64, SD1.5 512)
+    mixed_precision: str = "no"  # "fp16" / "bf16" on a GPU (accelerate)
     domain_adapters: str = ""    # reuse trained domain adapters (folder of <domain>/), "" = train here
     routers: list[str] = field(default_factory=lambda: ["uniform", "classifier", "ratio", "ito"])
     split_routers: list[str] = field(default_factory=lambda: ["uniform", "classifier"])  # for the split sources
@@ -137,10 +142,12 @@ def write_splits(folders: list[Path], k: int, out: Path, seed: int) -> list[Path
 
 
 def _train_cfg(cfg: ExperimentConfig, steps: int):
-    from prompt_cdm.train import TrainConfig
+    from prompt_cdm.train import LoraTrain, TrainConfig
 
-    return TrainConfig(kind=cfg.kind, steps=steps, threads=cfg.threads, n_samples=4, sample_steps=cfg.sample_steps,
-                       guidance_scale=cfg.guidance)
+    return TrainConfig(kind=cfg.kind, steps=steps, batch_size=cfg.batch_size, resolution=cfg.resolution,
+                       mixed_precision=cfg.mixed_precision, threads=cfg.threads, n_samples=4,
+                       sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
+                       lora=LoraTrain(rank=cfg.lora_rank, alpha=float(cfg.lora_rank), lr=cfg.lora_lr))
 
 
 def stage_train(cfg: ExperimentConfig, out: Path, data: list[Path], splits: list[Path]) -> dict:

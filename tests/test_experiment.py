@@ -29,6 +29,8 @@ def test_config_validates_and_the_recipe_loads():
                                                                          smoke=True)
     assert full.domain_list == ExperimentConfig().domain_list and len(full.domain_list) == 8
     assert smoke.steps < full.steps and smoke.n_eval < full.n_eval
+    sd = load(ExperimentConfig, "recipes/sd15_paper.toml")  # the GPU recipe (not run here) loads and validates
+    assert sd.mixed_precision == "fp16" and sd.lora_rank == 8 and sd.domain_list == full.domain_list
 
 
 def test_random_splits_partition_the_union(tmp_path):
