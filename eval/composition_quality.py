@@ -26,8 +26,9 @@ ROUTERS = ("uniform", "classifier", "ratio", "ito", "classifier+sparse")
 
 
 def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[str], n_ref: int = 500,
-                   router_steps: int = 400):
-    """OUT/registry with every domain's adapter, cached latents, the classifier and the ratio heads."""
+                   router_steps: int = 400, kinds=("classifier", "ratio")):
+    """OUT/registry with every domain's adapter, cached latents and the routers of `kinds` (the classifier,
+    the ratio heads and their reference set)."""
     from prompt_cdm.registry import REFERENCE, Registry
     from prompt_cdm.routers import CACHE_FILE, TrainConfig, cache_latents, train_router
     from prompt_cdm.world.dataset import render_domain
@@ -41,16 +42,16 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
             reg.add(d, adapters / d)
         if not (reg.cache_dir(d) / CACHE_FILE).is_file():
             cache_latents(reg, d, pipe, data / d)
-    if not (reg.folder / REFERENCE / CACHE_FILE).is_file():
+    if "ratio" in kinds and not (reg.folder / REFERENCE / CACHE_FILE).is_file():
         ref = out / "reference_base"
         if not (ref / "metadata.jsonl").is_file():
             render_domain("base", n_ref, ref, seed=7)
         cache_latents(reg, None, pipe, ref)
     cfg = TrainConfig(steps=router_steps)
     abar = pipe.scheduler.alphas_cumprod
-    if "classifier" not in reg.routers or reg.router("classifier").get("stale"):
+    if "classifier" in kinds and ("classifier" not in reg.routers or reg.router("classifier").get("stale")):
         report["classifier"] = train_router(reg, "classifier", abar, cfg, domains)
-    missing = [d for d in domains if f"ratio-{d}" not in reg.routers]
+    missing = [d for d in domains if f"ratio-{d}" not in reg.routers] if "ratio" in kinds else []
     if missing:
         report["ratio"] = train_router(reg, "ratio", abar, cfg, missing)
     return reg, report
@@ -99,7 +100,9 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
     names = list(sources or domains)
     per_domain = names == domains  # source i holds domain i's data: the true source of a prompt is known
     pipe, judge = load_quietly(backbone), shipped_judge()
-    reg, router_report = build_registry(pipe, Path(adapters), Path(data), out_p, names, router_steps=router_steps)
+    kinds = {r.split("+")[0] for r in routers} & {"classifier", "ratio"}  # only the routers this run composes with
+    reg, router_report = build_registry(pipe, Path(adapters), Path(data), out_p, names, router_steps=router_steps,
+                                        kinds=kinds)
     res_path = out_p / "results.json"
     settings = {"n": n, "steps": steps, "guidance": guidance, "seed": seed, "domains": domains, "sources": names,
                 "adapters": adapters, "uncond": uncond}
