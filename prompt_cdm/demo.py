@@ -234,23 +234,13 @@ def stage_samples(cfg: DemoConfig, out: Path, pipe) -> dict:
     return {"rows": [r for r, _ in rows], "prompts": prompts}
 
 
-def _compose_settings(cfg: DemoConfig) -> dict:
-    return {"n": cfg.n, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed, "domains": list(cfg.domains),
-            "uncond": cfg.uncond}
-
-
 def stage_quality(cfg: DemoConfig, out: Path, pipe) -> dict:
     """Frozen backbone (also on `base`, the baseline), each source's own adapter and the composition."""
+    from eval.backbone_quality import evaluate_domain
     from eval.composition_quality import evaluate
-    from eval.world_scoring import heldout, reference_features, score_world, shipped_judge
+    from eval.world_scoring import shipped_judge
 
-    from .generate import text_to_image
-
-    res_path = out / "compose" / "results.json"
-    if res_path.is_file():  # cells of other settings are not these settings' numbers: start them over
-        old = json.loads(res_path.read_text())
-        if any(old.get(k) != v for k, v in _compose_settings(cfg).items()):
-            res_path.unlink()
+    # evaluate() resumes its cells, and recomputes them when they were made with other settings
     comp = evaluate(str(out / "adapters"), str(out / "data"), str(out / "compose"), list(cfg.domains),
                     routers=[cfg.router], n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
                     router_steps=cfg.router_steps, uncond=cfg.uncond)
@@ -258,12 +248,8 @@ def stage_quality(cfg: DemoConfig, out: Path, pipe) -> dict:
     cells = {}
     for d in ("base", *cfg.domains):  # the frozen backbone: what `prompt-cdm eval backbone` measures
         t0 = time.time()
-        held = heldout(d, cfg.n, cfg.seed)
-        images = text_to_image(pipe, [e.caption for e in held], steps=cfg.steps, guidance_scale=cfg.guidance,
-                               seed=cfg.seed, progress=True)
-        cells[f"frozen/{d}"] = dict(score_world(judge, d, held, images,
-                                                ref_features=reference_features(judge, d, seed=cfg.seed)),
-                                    seconds=time.time() - t0)
+        res, _ = evaluate_domain(pipe, judge, d, n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed)
+        cells[f"frozen/{d}"] = dict(res, seconds=time.time() - t0)
     for k, v in comp["cells"].items():
         if k.split("/")[0] in ("own", cfg.router):
             cells[k] = v
