@@ -52,8 +52,14 @@ class UNetStage:
     ema_decay: float = 0.999
     seed: int = 0
     max_minutes: float = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
+    lr_schedule: str = "constant"  # after warmup: "constant" or "cosine" (down to min_lr_ratio * lr at `steps`)
+    min_lr_ratio: float = 0.1
 
     def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unet.lr_schedule={self.lr_schedule!r}: use 'constant' or 'cosine'")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("unet.min_lr_ratio must be in [0, 1]")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError("unet.cond_dropout must be in [0, 1)")
         if self.steps < 0 or self.batch_size < 1 or self.n_images < self.batch_size:
@@ -65,12 +71,42 @@ class PretrainConfig:
     out: str = "runs/backbone"
     domain: str = "base"
     threads: int = 0  # torch threads; 0 = torch's default
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when one is visible)
+    mixed_precision: str = "no"  # "no" or "bf16" (autocast of the UNet stage's forward pass)
+    log_every: int = 1  # loss-log lines are means over this many steps (each line syncs a GPU)
     # warm start: "tiny" (the shipped weights) or a weight folder (unet/, vae/, text_encoder/); the
     # VAE stage is skipped and the UNet stage continues from those weights with a fresh optimizer
     init_from: str = ""
     checkpoint_every: int = 200
     vae: VAEStage = field(default_factory=VAEStage)
     unet: UNetStage = field(default_factory=UNetStage)
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ValueError(f"device={self.device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+        if self.log_every < 1:
+            raise ValueError("log_every must be >= 1")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            from .config import ConfigError
+
+            raise ConfigError(f"device={self.device!r} but torch sees no CUDA device; use --set device=cpu")
+        return torch.device(self.device)
+
+
+def lr_at(step: int, st: UNetStage) -> float:
+    """Learning rate of (0-based) `step`: linear warmup, then constant or cosine to min_lr_ratio * lr."""
+    if step < st.warmup:
+        return st.lr * (step + 1) / st.warmup
+    if st.lr_schedule == "constant":
+        return st.lr
+    frac = min(1.0, (step - st.warmup) / max(1, st.steps - st.warmup))
+    return st.lr * (st.min_lr_ratio + (1 - st.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def _to_tensor(images) -> torch.Tensor:
@@ -103,7 +139,7 @@ def train_vae(cfg: PretrainConfig, pipe) -> None:
     log = open(Path(cfg.out) / "vae_log.jsonl", "a")
     bar = tqdm(range(start, st.steps), desc="pretrain vae", initial=start, total=st.steps)
     for step in bar:
-        x = _vae_batch(step, st)
+        x = _vae_batch(step, st).to(vae.device)
         post = vae.encode(x).latent_dist
         # decode the mean: with KL weight ~1e-6, decoding samples spends hundreds of steps only
         # shrinking the initial unit posterior variance; the UNet stage trains on the means too
@@ -129,9 +165,10 @@ def encode_dataset(pipe, domain: str, n: int, seed: int, batch: int = 256) -> tu
 
     exs = examples(domain, n, seed=seed, progress=True)
     moments = []
+    dev = pipe.vae.device
     for i in tqdm(range(0, n, batch), desc="encode latents"):
-        x = _to_tensor([e.image for e in exs[i : i + batch]])
-        moments.append(pipe.vae.encode(x).latent_dist.parameters)
+        x = _to_tensor([e.image for e in exs[i : i + batch]]).to(dev)
+        moments.append(pipe.vae.encode(x).latent_dist.parameters.float().cpu())
     return torch.cat(moments), [e.caption for e in exs]
 
 
@@ -159,8 +196,7 @@ def _sample_latents(moments: torch.Tensor, gen: torch.Generator) -> torch.Tensor
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def train_unet(cfg: PretrainConfig, pipe) -> None:
@@ -169,6 +205,7 @@ def train_unet(cfg: PretrainConfig, pipe) -> None:
     from .backbone import TINY_SCHEDULER
 
     st = cfg.unet
+    dev = cfg.torch_device()
     moments, ids = _latent_cache(cfg, pipe)
     # scale latents to unit variance, as SD does with its 0.18215
     meta_path = Path(cfg.out) / "latent_scale.json"
@@ -177,8 +214,9 @@ def train_unet(cfg: PretrainConfig, pipe) -> None:
         write_json(meta_path, {"scaling_factor": float(1.0 / lat.std())})
     scale = json.loads(meta_path.read_text())["scaling_factor"]
     pipe.vae.register_to_config(scaling_factor=scale)
+    moments, ids = moments.to(dev), ids.to(dev)
 
-    unet, text = pipe.unet, pipe.text_encoder
+    unet, text = pipe.unet.to(dev), pipe.text_encoder.to(dev)
     unet.train().requires_grad_(True)
     text.train().requires_grad_(True)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
@@ -190,26 +228,31 @@ def train_unet(cfg: PretrainConfig, pipe) -> None:
     if checkpoint.exists(folder):
         start = checkpoint.load(folder, mods, opt)["step"]
     sched = DDPMScheduler(**TINY_SCHEDULER)
-    acp = sched.alphas_cumprod
+    acp = sched.alphas_cumprod.to(dev)
     snr = acp / (1 - acp)
     empty = pipe.tokenizer([""], padding="max_length", max_length=ids.shape[1], return_tensors="pt").input_ids[0]
+    empty = empty.to(dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     log = open(Path(cfg.out) / "unet_log.jsonl", "a")
     t0 = time.time()
+    pending: list[torch.Tensor] = []
     bar = tqdm(range(start, st.steps), desc="pretrain unet", initial=start, total=st.steps)
     for step in bar:
-        gen = torch.Generator().manual_seed(st.seed * 1_000_003 + step)
-        idx = torch.randint(0, moments.shape[0], (st.batch_size,), generator=gen)
+        # batches depend only on (seed, step): a resumed run sees the data an uninterrupted one would
+        gen = torch.Generator(device=dev).manual_seed(st.seed * 1_000_003 + step)
+        idx = torch.randint(0, moments.shape[0], (st.batch_size,), generator=gen, device=dev)
         x0 = _sample_latents(moments[idx], gen) * scale
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (st.batch_size,), generator=gen)
-        drop = torch.rand(st.batch_size, generator=gen) < st.cond_dropout
+        noise = torch.randn(x0.shape, generator=gen, device=dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (st.batch_size,), generator=gen, device=dev)
+        drop = torch.rand(st.batch_size, generator=gen, device=dev) < st.cond_dropout
         tok = torch.where(drop[:, None], empty[None], ids[idx])
         xt = sched.add_noise(x0, noise, t)
-        enc = text(tok)[0]
-        pred = unet(xt, t, enc).sample
+        with amp:
+            enc = text(tok)[0]
+            pred = unet(xt, t, enc).sample
         w = torch.clamp(snr[t], max=st.min_snr_gamma) / snr[t]  # min-SNR-gamma for eps-prediction
-        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-        lr = st.lr * min(1.0, (step + 1) / max(1, st.warmup))
+        loss = (w * F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        lr = lr_at(step, st)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -219,11 +262,15 @@ def train_unet(cfg: PretrainConfig, pipe) -> None:
         decay = min(st.ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text, decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr, "time": time.time()}) + "\n")
-        log.flush()
+        pending.append(loss.detach())
         done = step + 1 == st.steps
         out_of_time = st.max_minutes > 0 and (time.time() - t0) / 60 > st.max_minutes
+        if len(pending) >= cfg.log_every or done or out_of_time:
+            mean = torch.stack(pending).mean().item()
+            pending.clear()
+            bar.set_postfix(loss=f"{mean:.4f}")
+            log.write(json.dumps({"step": step + 1, "loss": mean, "lr": lr, "time": time.time()}) + "\n")
+            log.flush()
         if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
             checkpoint.save(folder, mods, opt, {"step": step + 1})
             export_weights(cfg, pipe, ema_unet, ema_text)
@@ -258,7 +305,9 @@ def pretrain(cfg: PretrainConfig):
     pipe = build_tiny(seed=cfg.unet.seed)
     if cfg.init_from:
         _warm_start(cfg, pipe)
+        pipe.vae.to(cfg.torch_device())
     else:
+        pipe.vae.to(cfg.torch_device())
         train_vae(cfg, pipe)
     train_unet(cfg, pipe)
     return pipe
