@@ -440,6 +440,9 @@ def make_estimator(router: str, names: Sequence[str], lambdas: Sequence[float] |
 
     if router not in ESTIMATORS:
         raise ComposeError(f"unknown router {router!r}; valid: {', '.join(sorted(ESTIMATORS))}")
+    if router == "fixed" and lambdas is None:
+        raise ComposeError("router 'fixed' needs weights: one non-negative number per composed source "
+                           "(e.g. a=2,b=1); use router 'uniform' for equal weights")
     kw: dict = {} if lambdas is None else {"lambdas": list(lambdas)}
     try:
         if router in ("uniform", "fixed"):

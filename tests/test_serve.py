@@ -218,6 +218,7 @@ BAD_REQUESTS = [  # (body, what the 422's detail must say)
     ({"prompt": "<cdm-c> a star", "sources": ["a"]}, "placeholder"),
     ({"prompt": "a", "weights": {"a": 1.0}}, "weights must name exactly the composed sources: a, b"),
     ({"prompt": "a", "sources": ["a", "b"], "weights": {"a": 0, "b": 0}}, "positive sum"),
+    ({"prompt": "a", "router": "fixed"}, "router 'fixed' needs weights"),  # once a 500 (found by schemathesis)
     ({}, "prompt: Field required"),
 ]
 
