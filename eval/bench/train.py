@@ -91,6 +91,8 @@ def run_naive(pipe, source, kind: str, steps: int, batch: int) -> dict:
             torch.nn.utils.clip_grad_norm_(list(run.params.values()), cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # queued kernels belong to the loop
         loop = time.time() - t0
     finally:
         run.close()
