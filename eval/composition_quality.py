@@ -30,7 +30,7 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
     """OUT/registry with every domain's adapter, cached latents and the routers of `kinds` (the classifier,
     the ratio heads and their reference set)."""
     from prompt_cdm.registry import REFERENCE, Registry
-    from prompt_cdm.routers import CACHE_FILE, TrainConfig, cache_latents, train_router
+    from prompt_cdm.routers import CACHE_FILE, CAPTION_STATS, TrainConfig, cache_caption_stats, cache_latents, train_router
     from prompt_cdm.world.dataset import render_domain
 
     folder = out / "registry"
@@ -42,6 +42,8 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
             reg.add(d, adapters / d)
         if not (reg.cache_dir(d) / CACHE_FILE).is_file():
             cache_latents(reg, d, pipe, data / d)
+        if not (reg.cache_dir(d) / CAPTION_STATS).is_file():  # registries cached before the caption prior
+            cache_caption_stats(reg, d, pipe.tokenizer, data / d)
     if "ratio" in kinds and not (reg.folder / REFERENCE / CACHE_FILE).is_file():
         ref = out / "reference_base"
         if not (ref / "metadata.jsonl").is_file():
@@ -60,14 +62,22 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
 def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: list[str], true_index: int | None,
                  steps: int, guidance: float, seed: int, uncond: str = "shared"):
     """Images + attribution of composing every source with `router` on one domain's prompts.
+    router: an estimator name with optional modifiers, "+sparse" (sparse routing) and "+prior" (the caption
+    prior lambda(c), caption_prior.py), e.g. "ito+prior+sparse".
     uncond: the guidance's unconditional row(s), compose.UNCOND_MODES."""
     from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, make_estimator
+    from prompt_cdm.routers import caption_prior_from_registry
 
-    name, sparse = router.split("+")[0], router.endswith("+sparse")
+    name, *mods = router.split("+")
+    unknown = set(mods) - {"sparse", "prior"}
+    if unknown:
+        raise ValueError(f"router {router!r}: unknown modifier(s) {sorted(unknown)}; use +sparse and/or +prior")
+    sparse = "sparse" in mods
+    prompt_prior = caption_prior_from_registry(reg, names, prompts, pipe.tokenizer) if "prior" in mods else None
     est, ctx = make_estimator(name, names, scheduler=pipe.scheduler, registry=reg)
     res = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed, uncond=uncond,
                          sparse_eps=SPARSE_EPS if sparse else 0.0, warmup_frac=SPARSE_WARMUP if sparse else 0.0,
-                         router_context=ctx, progress=True)
+                         router_context=ctx, prompt_prior=prompt_prior, progress=True)
     credit = torch.cat([tr.credit() for tr in res.traces])  # [N x n]
     rows = sum(sum(r) for r in res.rows_per_step) / len(prompts)  # UNet rows per image over all steps
     attribution = {"mean_credit": credit.mean(0).tolist(), "unet_rows_per_image": rows}

@@ -299,6 +299,10 @@ def cmd_generate(a) -> None:
         raise UsageError(f"--uncond must be one of {', '.join(UNCOND_MODES)}, got {a.uncond!r}")
     if bool(a.adapter) == bool(a.registry):
         raise UsageError("give --adapter DIR (repeatable) or --registry DIR, not both")
+    if a.caption_prior and not a.registry:
+        raise UsageError("--caption-prior reads each source's caption statistics from a registry: pass --registry DIR")
+    if a.caption_prior_strength < 0:
+        raise UsageError(f"--caption-prior-strength must be >= 0, got {a.caption_prior_strength}")
     trace_png = Path(a.trace).with_suffix(".png") if a.trace else None
     if trace_png is not None and trace_png == Path(a.trace):
         raise UsageError(f"--trace {a.trace}: give a .json path (the plot goes beside it as .png)")
@@ -315,9 +319,15 @@ def cmd_generate(a) -> None:
     est, ctx = make_estimator(a.router, src_names, parse_weights(a.weights, src_names), scheduler=sched,
                               registry=reg)
     uncond = a.uncond or ("per-source" if len(sources) == 1 else "shared")
+    prompt_prior = None
+    if a.caption_prior:
+        from .routers import caption_prior_from_registry
+
+        prompt_prior = caption_prior_from_registry(reg, src_names, prompts, pipe.tokenizer, a.caption_prior_strength)
     res = compose_images(pipe, sources, prompts, est, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
                          scheduler=sched, uncond=uncond, sparse_eps=SPARSE_EPS if a.sparse else 0.0,
-                         warmup_frac=SPARSE_WARMUP if a.sparse else 0.0, router_context=ctx)
+                         warmup_frac=SPARSE_WARMUP if a.sparse else 0.0, router_context=ctx,
+                         prompt_prior=prompt_prior)
     images = res.images
     save_image(a.out, images[0] if len(images) == 1 else grid(images, cols=min(8, len(images))))
     print(f"{len(images)} image(s) from {', '.join(src_names)} ({a.router}, uncond {uncond}) -> {a.out}")
@@ -441,6 +451,11 @@ def _add_compose_parsers(sub) -> None:
     g.add_argument("--weights", default=None, metavar="A=0.5,B=0.5",
                    help="mixing prior lambda per source (the mixture itself for --router fixed)")
     g.add_argument("--sparse", action="store_true", help="sparse routing: drop low-weight sources after warm-up")
+    g.add_argument("--caption-prior", action="store_true",
+                   help="multiply lambda by p_i(prompt), each source's caption model (registry caches; "
+                   "built by `router cache`)")
+    g.add_argument("--caption-prior-strength", type=float, default=1.0, metavar="S",
+                   help="exponent of p_i(prompt) (< 1 tempers the unigram model's overconfidence)")
     g.add_argument("--uncond", default=None, help="shared (frozen backbone, n+1 rows) or per-source (2n rows); "
                    "default: per-source for one source (= plain diffusers with that adapter), else shared")
     g.add_argument("--steps", type=int, default=25, help="sampling steps")

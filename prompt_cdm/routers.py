@@ -33,6 +33,7 @@ from .registry import REFERENCE, Registry, RegistryError
 
 LATENTS, CONTEXT = "latents", "context"
 CACHE_FILE = "latents.safetensors"
+CAPTION_STATS = "caption_stats.json"  # caption_prior.CaptionStats of a source's captions, beside its latents
 
 
 @dataclass
@@ -128,7 +129,50 @@ def cache_latents(registry: Registry, name: str | None, pipe, folder) -> str:
                             f"{registry.backbone['name']} to cache latents")
     path = (registry.cache_dir(name) if name is not None else registry.folder / REFERENCE) / CACHE_FILE
     save_safetensors(path, encode_imagefolder(pipe, folder))
+    if name is not None:
+        cache_caption_stats(registry, name, pipe.tokenizer, folder)
     return str(path.relative_to(registry.folder))
+
+
+def cache_caption_stats(registry: Registry, name: str, tokenizer, folder) -> str:
+    """caches/NAME/caption_stats.json: the token counts of source `name`'s captions (the caption prior's
+    per-source model; deleted with the source)."""
+    from .caption_prior import caption_stats, content_ids
+    from .io import write_json
+    from .world.dataset import read_imagefolder
+
+    registry.source(name)
+    captions = [r["text"] for r in read_imagefolder(folder)]
+    if not captions:
+        raise RegistryError(f"{folder}/metadata.jsonl lists no caption")
+    stats = caption_stats(content_ids(tokenizer, captions), tokenizer.vocab_size)
+    path = registry.cache_dir(name) / CAPTION_STATS
+    write_json(path, stats.to_json())
+    return str(path.relative_to(registry.folder))
+
+
+def caption_prior_from_registry(registry: Registry, names: Sequence[str], prompts: Sequence[str], tokenizer,
+                                strength: float = 1.0) -> torch.Tensor:
+    """lambda(c) [N x n] of `prompts` over sources `names` from their cached caption statistics."""
+    import json
+
+    from .caption_prior import CaptionStats, content_ids, prior
+
+    stats = []
+    for n in names:
+        path = registry.cache_dir(n) / CAPTION_STATS
+        if not path.is_file():
+            raise RegistryError(f"source {n!r} has no caption statistics for the caption prior; run `prompt-cdm "
+                                f"router cache --registry {registry.folder} --source {n} --data IMAGEFOLDER`")
+        try:
+            stats.append(CaptionStats.from_json(json.loads(path.read_text())))
+        except (ValueError, json.JSONDecodeError) as e:
+            raise RegistryError(f"{path} is unreadable ({e}); rebuild it with `prompt-cdm router cache --registry "
+                                f"{registry.folder} --source {n} --data IMAGEFOLDER`") from None
+        if stats[-1].vocab_size != tokenizer.vocab_size:
+            raise RegistryError(f"{path} counts a vocabulary of {stats[-1].vocab_size} tokens but the backbone's "
+                                f"tokenizer has {tokenizer.vocab_size}; rebuild it with `prompt-cdm router cache`")
+    return prior(stats, content_ids(tokenizer, prompts), strength=strength)
 
 
 def _load_cache(path) -> dict[str, torch.Tensor]:

@@ -298,6 +298,17 @@ def test_cli_router_cache_train_and_generate(pipe, adapters, tmp_path, capsys):
                      "--out", str(out), "--trace", str(trace)]) == 0
         data = json.loads(trace.read_text())
         assert data["sources"] == ["a", "c"] and abs(sum(data["credit"].values()) - 1) < 1e-5
+    # the caption prior: `router cache` counted each source's captions; a prompt naming one source's
+    # distinctive words routes to it even under the uniform router
+    assert (tmp_path / "reg" / "caches" / "a" / "caption_stats.json").is_file()
+    for prompt, favoured in (("a red star", "a"), ("a red circle on a striped background", "c")):
+        trace = tmp_path / "prior.json"
+        assert main(["generate", "--registry", reg, "--prompt", prompt, "--router", "uniform", "--caption-prior",
+                     "--steps", "2", "--out", str(tmp_path / "prior.png"), "--trace", str(trace)]) == 0
+        credit = json.loads(trace.read_text())["credit"]
+        assert credit[favoured] > 0.9, (prompt, credit)
+    _one_line_exit_2(capsys, ["generate", "--adapter", str(adapters["a"]), "--prompt", "a", "--caption-prior",
+                              "--out", str(tmp_path / "x.png")], "--caption-prior reads")
     assert main(["registry", "forget", "a", "--registry", reg]) == 0
     assert not (tmp_path / "reg" / "caches" / "a").exists()
     assert main(["registry", "verify", "--registry", reg]) == 0
