@@ -99,6 +99,7 @@ class Job:
     steps: int = 25
     guidance: float = 5.0
     seed: int = 0
+    caption_prior: bool = False  # lambda(c) ∝ p_i(c) from the registry's caption statistics
     deadline: float | None = None  # time.monotonic() past which nobody waits for the answer: skip it
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
@@ -373,6 +374,7 @@ class Engine:
     def run(self, job: Job) -> dict:
         """Run one job now, in this thread (the worker calls it; tests may too)."""
         from .compose import SPARSE_EPS, SPARSE_WARMUP, ComposeError, compose_images, make_estimator
+        from .routers import caption_prior_from_registry
 
         with self._pipe:
             if job.deadline is not None and time.monotonic() > job.deadline:
@@ -394,6 +396,13 @@ class Engine:
                                   "uniform, fixed or ito, or ask an admin to train it") from None
                 except ComposeError as e:
                     raise Invalid(str(e)) from None
+                prompt_prior = None
+                if job.caption_prior:
+                    try:
+                        prompt_prior = caption_prior_from_registry(self._reg, names, job.prompts, self.pipe.tokenizer)
+                    except RegistryError:  # its message names the registry folder: say only what failed
+                        raise Invalid("caption_prior: a composed source has no caption statistics; leave "
+                                      "caption_prior off, or ask an admin to cache them (router cache)") from None
             sources = [self._loaded[n].source for n in names]
             self._check_prompts(job.prompts)
             t0 = time.perf_counter()
@@ -402,7 +411,8 @@ class Engine:
                                      guidance_scale=job.guidance, seed=job.seed, scheduler=self._scheduler,
                                      uncond="per-source" if len(sources) == 1 else "shared",
                                      sparse_eps=SPARSE_EPS if job.sparse else 0.0,
-                                     warmup_frac=SPARSE_WARMUP if job.sparse else 0.0, router_context=ctx)
+                                     warmup_frac=SPARSE_WARMUP if job.sparse else 0.0, router_context=ctx,
+                                     prompt_prior=prompt_prior)
             except ComposeError as e:
                 raise Invalid(str(e)) from None
             seconds = time.perf_counter() - t0

@@ -112,6 +112,8 @@ def _models(cfg: ServeConfig, side: int):
         weights: dict[SourceName, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
             None, description="mixing prior per composed source (the mixture itself for router 'fixed')")
         sparse: bool = Field(False, description="drop low-weight sources after a warm-up")
+        caption_prior: bool = Field(False, description="multiply the mixing prior by each source's caption model "
+                                    "p_i(prompt) (the registry's caption statistics)")
         steps: int = Field(cfg.default_steps, ge=1, le=cfg.max_steps)
         guidance: float = Field(cfg.default_guidance, ge=0, le=cfg.max_guidance, allow_inf_nan=False)
         seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -268,7 +270,7 @@ def create_app(registry_dir: str | os.PathLike, pipe, config: ServeConfig | None
         names = await run_in_threadpool(engine.authorize, key, req.sources)
         lambdas(req.weights, names)
         job = Job(key.id, prompts, req.sources, req.router, req.weights, req.sparse, req.steps, req.guidance, req.seed,
-                  deadline=time.monotonic() + cfg.timeout_s)
+                  caption_prior=req.caption_prior, deadline=time.monotonic() + cfg.timeout_s)
         try:
             fut = engine.submit(job)
         except Busy:

@@ -21,7 +21,9 @@ from prompt_cdm.audit import AuditLog
 from prompt_cdm.cli import main
 from prompt_cdm.keys import KeyStore, KeyStoreError, keys_path
 from prompt_cdm.registry import Registry
+from prompt_cdm.routers import cache_caption_stats
 from prompt_cdm.serve import ServeConfig, bind, create_app, make_server
+from prompt_cdm.world.dataset import render_domain
 
 # small bounds: steps 2 keep a request at ~0.1-0.2 s on one thread
 CFG = dict(max_steps=3, default_steps=2, max_prompts=2, queue_size=2, timeout_s=60.0)
@@ -190,9 +192,19 @@ def test_generate_returns_pngs_trace_and_credit_and_audits_it(served):
         fixed = c.post("/v1/generate", json={"prompt": "a red star", "sources": ["b", "a"], "router": "fixed",
                                              "weights": {"a": 0.25, "b": 0.75}, "steps": 2}).json()
         assert fixed["sources"] == ["b", "a"] and fixed["credit"] == pytest.approx({"a": 0.25, "b": 0.75})
+
+        body = {"prompt": "a red star", "caption_prior": True, "steps": 2}
+        r = c.post("/v1/generate", json=body)  # no caption statistics cached yet
+        assert r.status_code == 422 and "no caption statistics" in r.json()["detail"], r.text
+        reg = Registry(served.folder)
+        for name, domain in (("a", "stars"), ("b", "striped")):
+            render_domain(domain, 6, served.folder.parent / f"data_{domain}", seed=1)
+            cache_caption_stats(reg, name, served.engine.pipe.tokenizer, served.folder.parent / f"data_{domain}")
+        prior = c.post("/v1/generate", json=body).json()
+        assert prior["credit"]["a"] > 0.9, prior["credit"]
     rows = AuditLog(served.folder / "serve" / "audit.jsonl").read()
     ab = served.engine.keys.verify(served.keys["ab"]).id
-    assert len(rows) == 3 and all(set(r) >= {"time", "key", "sources", "credit"} for r in rows)
+    assert len(rows) == 4 and all(set(r) >= {"time", "key", "sources", "credit"} for r in rows)
     assert rows[2]["key"] == ab and rows[2]["sources"] == ["b", "a"] and rows[2]["credit"]["b"] == pytest.approx(0.75)
     log = (served.folder / "serve" / "audit.jsonl").read_text()
     assert all(k.split("_", 2)[2] not in log for k in served.keys.values())
