@@ -6,7 +6,7 @@
 Endpoints (`Authorization: Bearer KEY`; the schema is served at /openapi.json, docs at /docs):
     GET    /v1/health                      liveness, queue depth and counters (no key)
     GET    /v1/sources                     the sources this key's policy allows
-    POST   /v1/generate                    {"prompt": str | [str], "sources", "router", "weights", "sparse",
+    POST   /v1/generate                    {"prompt": str | [str], "sources", "router", "weights", "sparse", "caption_prior",
                                             "steps", "guidance", "seed", "size"} -> base64 PNGs, traces, credit
     GET    /v1/admin/sources               (admin key) every source, as `registry list`
     POST   /v1/admin/sources               (admin key) add a source: {"name", "files": {name: base64}}
