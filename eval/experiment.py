@@ -62,6 +62,8 @@ class ExperimentConfig:
     mem_duplicated: int = 10     # images seen mem_copies times each (their captions are the test prompts)
     mem_copies: int = 30
     mem_per_prompt: int = 4      # generations per duplicated caption
+    mem_steps: int = 0           # training steps of the duplicated source's LoRA (0 = steps)
+    mem_lora_rank: int = 0       # its LoRA rank (0 = lora_rank)
     threads: int = 2
 
     def __post_init__(self):
@@ -251,11 +253,14 @@ def stage_memorization(cfg: ExperimentConfig, out: Path) -> dict:
         duplicated_source(cfg.mem_domain, data, cfg.mem_unique, cfg.mem_duplicated, cfg.mem_copies, seed=cfg.seed)
     adapter = out / "memorization" / "adapters" / name
     if not is_complete(adapter):
-        train(cfg.backbone, [str(data)], _train_cfg(cfg, cfg.steps), adapter, source_id=name)
+        tc = _train_cfg(cfg, cfg.mem_steps or cfg.steps)
+        if cfg.mem_lora_rank:
+            tc.lora.rank, tc.lora.alpha = cfg.mem_lora_rank, float(cfg.mem_lora_rank)
+        train(cfg.backbone, [str(data)], tc, adapter, source_id=name)
     others = {d: domain_adapters(cfg, out) / d for d in cfg.domain_list if d != cfg.mem_domain}
     return copy_rate_experiment(load_quietly(cfg.backbone), {name: adapter, **others}, name, data,
                                 n_per_prompt=cfg.mem_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
-                                seed=cfg.seed, wen_first_steps=min(5, cfg.sample_steps))
+                                seed=cfg.seed, wen_first_steps=min(5, cfg.sample_steps), uncond=cfg.uncond)
 
 
 def run_experiment(cfg: ExperimentConfig, command: str = "") -> Path:

@@ -298,12 +298,14 @@ def _training_images(folder: str | Path) -> tuple[list, list[dict]]:
 def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, train_folder: str | Path, *,
                          n_per_prompt: int = 8, threshold: float = COPY_THRESHOLD, router: str = "uniform",
                          steps: int = 25, guidance: float = 5.0, seed: int = 0, wen_first_steps: int = 5,
-                         n_floor: int = 200) -> dict:
+                         n_floor: int = 200, uncond: str = "per-source") -> dict:
     """Copy rate of `target`'s adapter alone vs the composition of all `adapters` ({name: folder}) on the
     captions of `target`'s duplicated training images (`duplicated_source`), n_per_prompt seeds each
     (CDM paper Fig. 4B: mixing sources lowers the copy rate). Also Wen et al.'s score of each setting and,
     for a shapes-world folder, `heldout_floor`: the rate n_floor held-out renders of its domain score (what a
-    model that never copies but draws the same scenes would get). The adapters are removed afterwards.
+    model that never copies but draws the same scenes would get). uncond: the composition's guidance rows
+    (compose.UNCOND_MODES; the adapter alone is always guided by its own row, as plain diffusers does). The
+    adapters are removed afterwards.
 
         duplicated_source("stars", "runs/mem/stars_dup")           # then train an adapter on it, e.g.
         # prompt-cdm train --source runs/mem/stars_dup --out runs/mem/adapters/stars_dup
@@ -317,7 +319,7 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
     prompts = [r["text"] for r in rows if r.get("duplicated")] or [r["text"] for r in rows]
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     out = {"target": target, "threshold": threshold, "n_generations": len(prompts), "n_training": len(train),
-           "router": router}
+           "router": router, "uncond": uncond}
     domain = rows[0].get("spec", {}).get("domain") if isinstance(rows[0].get("spec"), dict) else None
     if domain:  # the rate of a model that never copies: held-out renders of the same domain
         from prompt_cdm.world.dataset import examples
@@ -328,11 +330,11 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
         sources, loaded = load_sources(pipe, [adapters[n] for n in names])
         try:
             est, ctx = make_estimator(router if len(names) > 1 else "uniform", [s.name for s in sources])
-            uncond = "per-source" if len(names) == 1 else "shared"
+            mode = "per-source" if len(names) == 1 else uncond
             images = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed,
-                                    uncond=uncond, router_context=ctx).images
+                                    uncond=mode, router_context=ctx).images
             wen = wen_scores(pipe, prompts, sources, est, steps=steps, first_steps=wen_first_steps,
-                             guidance=guidance, seed=seed, uncond=uncond)
+                             guidance=guidance, seed=seed, uncond=mode)
         finally:
             for h in loaded:
                 h.remove()
@@ -341,3 +343,54 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
                         "mean_nearest_distance": float(near["distance"].mean()), "wen_mean": float(wen.mean())}
     return out
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The copy experiment from the command line: build a duplicated source, train its LoRA, compare its copy
+    rate alone vs composed with other sources' adapters."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="copy rate of a duplicated source's adapter alone vs composed "
+                                "(CDM paper Fig. 4B)")
+    p.add_argument("--domain", default="stars", help="shapes-world domain of the duplicated source")
+    p.add_argument("--unique", type=int, default=40, help="images seen once")
+    p.add_argument("--duplicated", type=int, default=5, help="images repeated --copies times (the test captions)")
+    p.add_argument("--copies", type=int, default=40)
+    p.add_argument("--steps", type=int, default=1500, help="LoRA training steps (batch 8)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--compose-with", required=True, metavar="DIR,DIR", help="other sources' adapter folders")
+    p.add_argument("--router", default="uniform")
+    p.add_argument("--uncond", default="per-source")
+    p.add_argument("--per-prompt", type=int, default=16, help="generations per duplicated caption")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from prompt_cdm.backbone import load_quietly
+    from prompt_cdm.train import LoraTrain, TrainConfig, is_complete, train
+
+    out = Path(a.out)
+    name = f"{a.domain}_dup"
+    data = out / name
+    if not (data / "metadata.jsonl").is_file():
+        duplicated_source(a.domain, data, a.unique, a.duplicated, a.copies, seed=a.seed)
+    adapter = out / "adapters" / name
+    if not is_complete(adapter):  # resumes an interrupted training run
+        cfg = TrainConfig(kind="lora", steps=a.steps, batch_size=8, threads=a.threads, n_samples=4, seed=a.seed,
+                          lora=LoraTrain(rank=a.rank, alpha=float(a.rank), lr=1e-3))
+        train("tiny", [str(data)], cfg, adapter, source_id=name)
+    others = {Path(d).name: Path(d) for d in a.compose_with.split(",") if d}
+    res = copy_rate_experiment(load_quietly("tiny"), {name: adapter, **others}, name, data,
+                               n_per_prompt=a.per_prompt, router=a.router, seed=a.seed, uncond=a.uncond,
+                               steps=a.sample_steps, wen_first_steps=min(5, a.sample_steps))
+    from prompt_cdm.io import write_json
+
+    write_json(out / "copy_experiment.json", res)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

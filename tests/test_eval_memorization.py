@@ -186,6 +186,21 @@ def test_duplicated_source_and_copy_experiment(pipe, tmp_path):
     assert soft_prompt.applied_tokens(pipe, "<dup>") == []  # the adapters were removed again
 
 
+def test_copy_experiment_command(tmp_path):
+    from helpers import save_random_adapters
+    from prompt_cdm.backbone import load_quietly
+    from eval.memorization import main as copy_experiment
+
+    other = save_random_adapters(load_quietly("tiny"), tmp_path / "others")["a"]
+    copy_experiment(["--domain", "stars", "--unique", "3", "--duplicated", "1", "--copies", "2", "--steps", "2",
+                     "--rank", "4", "--compose-with", str(other), "--per-prompt", "2", "--sample-steps", "2",
+                     "--threads", "1", "--out", str(tmp_path / "mem")])
+    res = json.loads((tmp_path / "mem" / "copy_experiment.json").read_text())
+    assert res["n_training"] == 4 and res["n_generations"] == 2 and res["uncond"] == "per-source"
+    assert res["alone"]["sources"] == ["stars_dup"] and res["composed"]["sources"] == ["stars_dup", "a"]
+    assert (tmp_path / "mem" / "adapters" / "stars_dup" / "adapter_config.json").is_file()
+
+
 def test_cli_eval_memorization(tmp_path, capsys):
     assert main(["world", "render", "--domain", "base", "--n", "8", "--out", str(tmp_path / "train")]) == 0
     gen = tmp_path / "gen"
