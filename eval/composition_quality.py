@@ -62,22 +62,24 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
 def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: list[str], true_index: int | None,
                  steps: int, guidance: float, seed: int, uncond: str = "shared"):
     """Images + attribution of composing every source with `router` on one domain's prompts.
-    router: an estimator name with optional modifiers, "+sparse" (sparse routing) and "+prior" (the caption
-    prior lambda(c), caption_prior.py), e.g. "ito+prior+sparse".
+    router: an estimator name with optional modifiers, "+sparse" (sparse routing after compose.SPARSE_WARMUP of
+    the steps), "+sparse0" (sparse routing from the first step) and "+prior" (the caption prior lambda(c),
+    caption_prior.py), e.g. "ito+prior+sparse".
     uncond: the guidance's unconditional row(s), compose.UNCOND_MODES."""
     from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, make_estimator
     from prompt_cdm.routers import caption_prior_from_registry
 
     name, *mods = router.split("+")
-    unknown = set(mods) - {"sparse", "prior"}
+    unknown = set(mods) - {"sparse", "sparse0", "prior"}
     if unknown:
-        raise ValueError(f"router {router!r}: unknown modifier(s) {sorted(unknown)}; use +sparse and/or +prior")
-    sparse = "sparse" in mods
+        raise ValueError(f"router {router!r}: unknown modifier(s) {sorted(unknown)}; use +sparse, +sparse0, +prior")
+    sparse = "sparse" in mods or "sparse0" in mods
+    warmup = SPARSE_WARMUP if "sparse" in mods else 0.0
     prompt_prior = caption_prior_from_registry(reg, names, prompts, pipe.tokenizer) if "prior" in mods else None
     est, ctx = make_estimator(name, names, scheduler=pipe.scheduler, registry=reg)
     res = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed, uncond=uncond,
-                         sparse_eps=SPARSE_EPS if sparse else 0.0, warmup_frac=SPARSE_WARMUP if sparse else 0.0,
-                         router_context=ctx, prompt_prior=prompt_prior, progress=True)
+                         sparse_eps=SPARSE_EPS if sparse else 0.0, warmup_frac=warmup, router_context=ctx,
+                         prompt_prior=prompt_prior, progress=True)
     credit = torch.cat([tr.credit() for tr in res.traces])  # [N x n]
     rows = sum(sum(r) for r in res.rows_per_step) / len(prompts)  # UNet rows per image over all steps
     attribution = {"mean_credit": credit.mean(0).tolist(), "unet_rows_per_image": rows}

@@ -301,6 +301,10 @@ def cmd_generate(a) -> None:
         raise UsageError("give --adapter DIR (repeatable) or --registry DIR, not both")
     if a.caption_prior and not a.registry:
         raise UsageError("--caption-prior reads each source's caption statistics from a registry: pass --registry DIR")
+    if a.sparse_warmup is None:
+        a.sparse_warmup = SPARSE_WARMUP
+    elif not 0.0 <= a.sparse_warmup <= 1.0:
+        raise UsageError(f"--sparse-warmup must be in [0, 1], got {a.sparse_warmup}")
     if a.caption_prior_strength < 0:
         raise UsageError(f"--caption-prior-strength must be >= 0, got {a.caption_prior_strength}")
     trace_png = Path(a.trace).with_suffix(".png") if a.trace else None
@@ -326,7 +330,7 @@ def cmd_generate(a) -> None:
         prompt_prior = caption_prior_from_registry(reg, src_names, prompts, pipe.tokenizer, a.caption_prior_strength)
     res = compose_images(pipe, sources, prompts, est, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
                          scheduler=sched, uncond=uncond, sparse_eps=SPARSE_EPS if a.sparse else 0.0,
-                         warmup_frac=SPARSE_WARMUP if a.sparse else 0.0, router_context=ctx,
+                         warmup_frac=a.sparse_warmup if a.sparse else 0.0, router_context=ctx,
                          prompt_prior=prompt_prior)
     images = res.images
     save_image(a.out, images[0] if len(images) == 1 else grid(images, cols=min(8, len(images))))
@@ -451,6 +455,9 @@ def _add_compose_parsers(sub) -> None:
     g.add_argument("--weights", default=None, metavar="A=0.5,B=0.5",
                    help="mixing prior lambda per source (the mixture itself for --router fixed)")
     g.add_argument("--sparse", action="store_true", help="sparse routing: drop low-weight sources after warm-up")
+    g.add_argument("--sparse-warmup", type=float, default=None, metavar="F",
+                   help="fraction of the steps that keep every source before --sparse may drop one (default 0.2; "
+                   "0 is safe when the weights are decided from the start, e.g. with --caption-prior)")
     g.add_argument("--caption-prior", action="store_true",
                    help="multiply lambda by p_i(prompt), each source's caption model (registry caches; "
                    "built by `router cache`)")

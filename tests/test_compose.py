@@ -331,6 +331,7 @@ def test_cli_generate_bad_input_one_line_exit_2_nothing_written(exported, folder
     _one_line_exit_2(capsys, base + two + ["--router", "oracle"], "unknown router 'oracle'")
     _one_line_exit_2(capsys, base + two + ["--router", "fixed", "--weights", "a=0,b=0"], "positive sum")
     _one_line_exit_2(capsys, base + two + ["--router", "fixed"], "router 'fixed' needs weights")
+    _one_line_exit_2(capsys, base + two + ["--sparse", "--sparse-warmup", "1.5"], "--sparse-warmup must be in [0, 1]")
     _one_line_exit_2(capsys, base + two + ["--weights", "a=1,q=1"], "unknown source 'q'")
     _one_line_exit_2(capsys, base + ["--adapter", str(other)], "load the backbone it was trained on")
     _one_line_exit_2(capsys, base + two + ["--router", "ito", "--scheduler", "DDIMScheduler"], "stochastic sampler")
