@@ -106,11 +106,15 @@ def step_costs(pipe, ns: list[int], repeats: int, prompt: str = "a red circle to
     return rows
 
 
-def image_costs(registry: str, steps: int = 25, seed: int = 0, uncond: str = "per-source") -> dict:
-    """Seconds per image: one source alone vs every source dense vs sparse (classifier router)."""
+def image_costs(registry: str, steps: int = 25, seed: int = 0, uncond: str = "per-source",
+                caption_prior: bool = False) -> dict:
+    """Seconds per image: one source alone vs every source dense vs sparse (classifier router); with
+    caption_prior also dense and sparse-from-the-first-step under the caption prior (each prompt is one
+    source domain's held-out caption)."""
     from prompt_cdm.backbone import load_quietly
     from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, load_sources, make_estimator
     from prompt_cdm.registry import Registry
+    from prompt_cdm.routers import caption_prior_from_registry
     from prompt_cdm.world.dataset import examples
     from prompt_cdm.world.domains import DOMAINS
 
@@ -121,13 +125,13 @@ def image_costs(registry: str, steps: int = 25, seed: int = 0, uncond: str = "pe
                for d in names]
     sources, loaded = load_sources(pipe, None, reg, names)
     try:
-        def run(srcs, router, uncond, sparse):
+        def run(srcs, router, uncond, sparse, prior=None, warmup=SPARSE_WARMUP):
             est, ctx = make_estimator(router, [s.name for s in srcs], scheduler=pipe.scheduler, registry=reg)
             t0 = time.perf_counter()
             res = compose_images(pipe, srcs, prompts, est, steps=steps, seed=seed, uncond=uncond, batch_size=1,
                                  sparse_eps=SPARSE_EPS if sparse else 0.0,
-                                 warmup_frac=SPARSE_WARMUP if sparse else 0.0, router_context=ctx,
-                                 output_type="latent")
+                                 warmup_frac=warmup if sparse else 0.0, router_context=ctx,
+                                 prompt_prior=prior, output_type="latent")
             rows = sum(sum(r) for r in res.rows_per_step) / len(prompts)
             return (time.perf_counter() - t0) / len(prompts), rows
 
@@ -135,12 +139,19 @@ def image_costs(registry: str, steps: int = 25, seed: int = 0, uncond: str = "pe
         router = "classifier" if "classifier" in reg.routers else "ito"
         dense = run(sources, router, uncond, False)
         sparse = run(sources, router, uncond, True)
+        prior_cols = {}
+        if caption_prior:  # the caption prior decides the weights from the first step: sparse without warm-up
+            lam = caption_prior_from_registry(reg, names, prompts, pipe.tokenizer)
+            pd = run(sources, router, uncond, False, prior=lam)
+            ps = run(sources, router, uncond, True, prior=lam, warmup=0.0)
+            prior_cols = {"prior_dense_s": pd[0], "prior_sparse0_s": ps[0], "prior_dense_rows": pd[1],
+                          "prior_sparse0_rows": ps[1], "prior_sparse0_over_single": ps[0] / single[0]}
     finally:
         for h in reversed(loaded):
             h.remove()
     return {"n": len(names), "router": router, "uncond": uncond, "single_s": single[0], "dense_s": dense[0], "sparse_s": sparse[0],
             "single_rows": single[1], "dense_rows": dense[1], "sparse_rows": sparse[1],
-            "sparse_over_single": sparse[0] / single[0], "dense_over_single": dense[0] / single[0]}
+            "sparse_over_single": sparse[0] / single[0], "dense_over_single": dense[0] / single[0], **prior_cols}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--registry", default=None, help="also time whole images: single vs dense vs sparse")
     p.add_argument("--skip-steps", action="store_true", help="only the --registry image timings")
+    p.add_argument("--caption-prior", action="store_true", help="--registry images: also dense and sparse (no "
+                   "warm-up) under the caption prior (the registry's caption statistics)")
     p.add_argument("--uncond", default="per-source", help="--registry images: per-source (2 rows per active source) "
                    "or shared (1 + 1 per active source) unconditional rows")
     a = p.parse_args(argv)
@@ -168,10 +181,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {r['n']} | {r['batched_s']:.4f} s | {r['batched_per_source_s']:.4f} s | {r['sequential_s']:.4f} s | "
                   f"{r['speedup']:.2f}x | {r['speedup_per_source']:.2f}x |")
     if a.registry:
-        r = image_costs(a.registry, uncond=a.uncond)
+        r = image_costs(a.registry, uncond=a.uncond, caption_prior=a.caption_prior)
         print(f"\nper image, {r['n']} sources, router {r['router']}, uncond {r['uncond']}, 25 steps")
         print("| | s / image | UNet rows / image | vs one adapter |\n|---|---|---|---|")
-        for k in ("single", "dense", "sparse"):
+        keys = ("single", "dense", "sparse") + (("prior_dense", "prior_sparse0") if a.caption_prior else ())
+        for k in keys:
             print(f"| {k} | {r[k + '_s']:.3f} | {r[k + '_rows']:.0f} | {r[k + '_s'] / r['single_s']:.2f}x |")
 
 
