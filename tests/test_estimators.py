@@ -323,6 +323,8 @@ def test_constant_estimators_and_their_errors():
         get_estimator("uniform", lambdas=[1, 2])
     with pytest.raises(ValueError, match="fixed needs lambdas"):
         FixedEstimator(None)
+    with pytest.raises(ValueError, match="fixed needs lambdas"):  # by name too: not a TypeError
+        get_estimator("fixed")
     with pytest.raises(ValueError, match="non-negative"):
         FixedEstimator([1.0, -1.0])
 

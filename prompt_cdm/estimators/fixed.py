@@ -14,7 +14,7 @@ class FixedEstimator(WeightEstimator):
 
     name = "fixed"
 
-    def __init__(self, lambdas):
+    def __init__(self, lambdas=None):
         if lambdas is None:
             raise ValueError("fixed needs lambdas (one non-negative number per source); use "
                              "'uniform' for equal weights")
