@@ -143,13 +143,15 @@ def write_splits(folders: list[Path], k: int, out: Path, seed: int) -> list[Path
     return made
 
 
-def _train_cfg(cfg: ExperimentConfig, steps: int):
+def _train_cfg(cfg: ExperimentConfig, steps: int, rank: int = 0):
+    """An adapter's training config; rank 0 = cfg.lora_rank."""
     from prompt_cdm.train import LoraTrain, TrainConfig
 
+    rank = rank or cfg.lora_rank
     return TrainConfig(kind=cfg.kind, steps=steps, batch_size=cfg.batch_size, resolution=cfg.resolution,
                        mixed_precision=cfg.mixed_precision, threads=cfg.threads, n_samples=4,
                        sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
-                       lora=LoraTrain(rank=cfg.lora_rank, alpha=float(cfg.lora_rank), lr=cfg.lora_lr))
+                       lora=LoraTrain(rank=rank, alpha=float(rank), lr=cfg.lora_lr))
 
 
 def stage_train(cfg: ExperimentConfig, out: Path, data: list[Path], splits: list[Path]) -> dict:
@@ -253,10 +255,8 @@ def stage_memorization(cfg: ExperimentConfig, out: Path) -> dict:
         duplicated_source(cfg.mem_domain, data, cfg.mem_unique, cfg.mem_duplicated, cfg.mem_copies, seed=cfg.seed)
     adapter = out / "memorization" / "adapters" / name
     if not is_complete(adapter):
-        tc = _train_cfg(cfg, cfg.mem_steps or cfg.steps)
-        if cfg.mem_lora_rank:
-            tc.lora.rank, tc.lora.alpha = cfg.mem_lora_rank, float(cfg.mem_lora_rank)
-        train(cfg.backbone, [str(data)], tc, adapter, source_id=name)
+        train(cfg.backbone, [str(data)], _train_cfg(cfg, cfg.mem_steps or cfg.steps, cfg.mem_lora_rank), adapter,
+              source_id=name)
     others = {d: domain_adapters(cfg, out) / d for d in cfg.domain_list if d != cfg.mem_domain}
     return copy_rate_experiment(load_quietly(cfg.backbone), {name: adapter, **others}, name, data,
                                 n_per_prompt=cfg.mem_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
