@@ -240,7 +240,7 @@ def cmd_demo(a) -> None:
         cfg = DemoConfig(out=a.out, domains=tuple(d.strip() for d in a.domains.split(",") if d.strip()),
                          n_images=a.n_images, train_steps=a.train_steps, router_steps=a.router_steps, n=a.n,
                          steps=a.steps, guidance=a.guidance, router=a.router, forget=a.forget or "", seed=a.seed,
-                         threads=a.threads)
+                         threads=a.threads, caption_prior=not a.no_caption_prior)
         report = run_demo(cfg)
     except (DemoError, *_train_errors()) as e:
         raise UsageError(str(e)) from None
@@ -813,6 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=25, help="sampling steps")
     d.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     d.add_argument("--router", default="classifier", help="router of the composition: classifier or ratio")
+    d.add_argument("--no-caption-prior", action="store_true",
+                   help="compose without the caption prior lambda(c): only the router's image evidence decides")
     d.add_argument("--forget", default=None, metavar="SOURCE", help="the source to forget (default: the first)")
     d.add_argument("--seed", type=int, default=0, help="render, training and sampling seed")
     d.add_argument("--threads", type=int, default=1,

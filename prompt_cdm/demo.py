@@ -56,6 +56,10 @@ class DemoConfig:
     steps: int = field(default=25, metadata={"help": "sampling steps"})
     guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
     router: str = field(default="classifier", metadata={"help": "router of the composition: classifier | ratio"})
+    # The caption prior lambda(c) = p(source | caption) (caption_prior.py): the mixture of conditionals
+    # sum_i p(i | c) p_i(x | c) is what composing sources for a caption means, so the router's image evidence
+    # p_i(x_t | c) is weighed with it. Off: every source starts equal and only the image decides.
+    caption_prior: bool = field(default=True, metadata={"help": "weigh sources by the caption prior lambda(c)"})
     # per-source: each source's guided prediction uses its own adapter's unconditional row (2n UNet rows per image).
     # "shared" (the frozen backbone's unconditional row, n+1 rows) multiplies each adapter's departure from the
     # backbone by the guidance scale: with these adapters (trained without caption dropout) it over-draws the
@@ -92,6 +96,16 @@ class DemoConfig:
             raise DemoError(f"--guidance must be >= 1, got {self.guidance}")
 
     @property
+    def route(self) -> str:
+        """The composition's router as eval.composition_quality names it ("classifier+prior", ...)."""
+        return self.router + ("+prior" if self.caption_prior else "")
+
+    @property
+    def generate_flags(self) -> str:
+        """The same router as `prompt-cdm generate` flags."""
+        return f"--router {self.router}" + (" --caption-prior" if self.caption_prior else "")
+
+    @property
     def policy_sources(self) -> list[str]:
         """The access policy's sources: two (one when only two domains exist), so one source stays outside."""
         return list(self.domains[: 2 if len(self.domains) > 2 else 1])
@@ -99,6 +113,8 @@ class DemoConfig:
     def command(self) -> str:
         d = DemoConfig()
         parts = [f"prompt-cdm demo --out {self.out}"]
+        if not self.caption_prior:
+            parts.append("--no-caption-prior")
         for f in ("domains", "n_images", "train_steps", "router_steps", "n", "steps", "guidance", "router", "uncond",
                   "forget", "seed", "threads"):
             v, default = getattr(self, f), getattr(d, f)
@@ -224,11 +240,11 @@ def stage_samples(cfg: DemoConfig, out: Path, pipe) -> dict:
         rows.append((f"{s} alone", adapter_images(pipe, reg.adapter_dir(s), prompts, **kw)))
     sources, loaded = load_sources(pipe, None, reg, names)
     try:
-        res, _ = compose_cell(pipe, reg, sources, names, cfg.router, prompts, None, **kw, uncond=cfg.uncond)
+        res, _ = compose_cell(pipe, reg, sources, names, cfg.route, prompts, None, **kw, uncond=cfg.uncond)
     finally:
         for h in reversed(loaded):
             h.remove()
-    rows.append((f"composition ({cfg.router})", res.images))
+    rows.append((f"composition ({cfg.route})", res.images))
     save_image(out / "samples.png", grid([im for _, ims in rows for im in ims], cols=len(prompts), scale=3))
     write_text(out / "samples_prompts.txt", "\n".join(prompts) + "\n")
     return {"rows": [r for r, _ in rows], "prompts": prompts}
@@ -242,7 +258,7 @@ def stage_quality(cfg: DemoConfig, out: Path, pipe) -> dict:
 
     # evaluate() resumes its cells, and recomputes them when they were made with other settings
     comp = evaluate(str(out / "adapters"), str(out / "data"), str(out / "compose"), list(cfg.domains),
-                    routers=[cfg.router], n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
+                    routers=[cfg.route], n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
                     router_steps=cfg.router_steps, uncond=cfg.uncond)
     judge = shipped_judge()
     cells = {}
@@ -251,7 +267,7 @@ def stage_quality(cfg: DemoConfig, out: Path, pipe) -> dict:
         res, _ = evaluate_domain(pipe, judge, d, n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed)
         cells[f"frozen/{d}"] = dict(res, seconds=time.time() - t0)
     for k, v in comp["cells"].items():
-        if k.split("/")[0] in ("own", cfg.router):
+        if k.split("/")[0] in ("own", cfg.route):
             cells[k] = v
     return {"cells": cells, "summary": comp["summary"]}
 
@@ -327,7 +343,7 @@ def stage_policy(cfg: DemoConfig, out: Path, pipe) -> dict:
         raise DemoError(f"policy {POLICY!r} let {outside!r} through; the registry's access check is broken")
     labels = [d for d in (*allowed, outside) for _ in range(SHOWN_PER_DOMAIN)]
     prompts = [e.caption for d in (*allowed, outside) for e in heldout(d, cfg.n, cfg.seed)[:SHOWN_PER_DOMAIN]]
-    credit = _compose_figure(pipe, reg, names, cfg.router, prompts, labels, cfg, out / "policy")
+    credit = _compose_figure(pipe, reg, names, cfg.route, prompts, labels, cfg, out / "policy")
     return {"policy": POLICY, "allowed": names, "outside": outside, "refusal": refusal, "credit": credit}
 
 
@@ -385,7 +401,7 @@ def _f(v, fmt=".3f") -> str:
 
 
 def _quality_table(cfg: DemoConfig, cells: dict) -> str:
-    r = cfg.router
+    r = cfg.route
     lines = ["| domain | frozen TIFA | own adapter TIFA | composition TIFA | frozen FID | own adapter FID | composition FID |",
              "|---|---|---|---|---|---|---|"]
     for d in ("base", *cfg.domains):
@@ -402,7 +418,7 @@ def _quality_table(cfg: DemoConfig, cells: dict) -> str:
 
 def _by_type_table(cfg: DemoConfig, cells: dict) -> str:
     keys = [k for k in (f"frozen/{d}" for d in ("base", *cfg.domains))] + [
-        f"{s}/{d}" for d in cfg.domains for s in ("own", cfg.router)]
+        f"{s}/{d}" for d in cfg.domains for s in ("own", cfg.route)]
     types = sorted({t for k in keys for t in cells[k]["by_type"]})
     lines = ["| system / domain | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
     for k in keys:
@@ -429,7 +445,7 @@ def _per_prompt_credit(credit: dict, names: list[str]) -> str:
 
 def _verdicts(cfg: DemoConfig, res: dict) -> str:
     """The story's claims against this run's numbers (means over the source domains)."""
-    names, r, cells = list(cfg.domains), cfg.router, res["quality"]["cells"]
+    names, r, cells = list(cfg.domains), cfg.route, res["quality"]["cells"]
     mean = {s: {k: sum(cells[f"{s}/{d}"][k] for d in names) / len(names) for k in ("score", "fid_judge")}
             for s in ("frozen", "own", r)}
     fid_better = [d for d in names if cells[f"own/{d}"]["fid_judge"] < cells[f"frozen/{d}"]["fid_judge"]]
@@ -437,6 +453,9 @@ def _verdicts(cfg: DemoConfig, res: dict) -> str:
     fid_gap = mean[r]["fid_judge"] / mean["own"]["fid_judge"] - 1
     top = [d for d in names if cells[f"{r}/{d}"]["top1"] >= 0.5]
     credit = sum(cells[f"{r}/{d}"]["true_credit"] for d in names) / len(names)
+    rc = res["ratio_credit"]
+    img_credit = sum(rc[d]["true_credit"] for d in names) / len(names)
+    img_top = [d for d in names if rc[d]["top1"] >= 0.5]
     fg, pol = res["forget"], res["policy"]
     fm, tm = {s: f"{v['fid_judge']:.1f}" for s, v in mean.items()}, {s: f"{v['score']:.3f}" for s, v in mean.items()}
 
@@ -450,10 +469,14 @@ def _verdicts(cfg: DemoConfig, res: dict) -> str:
           f"{tm['own']}"), yes(len(fid_better) == len(names))),
         (f"composing all sources ({r}) costs little against each source alone (CDM: within 10% FID)",
          f"FID {fm['own']} -> {fm[r]} ({fid_gap:+.0%}), TIFA {tm['own']} -> {tm[r]}", yes(fid_gap <= 0.10)),
-        ("attribution credits the caption's own source most",
+        ("attribution credits the caption's own source most"
+         + (" (router evidence x the caption prior)" if cfg.caption_prior else ""),
          (f"mean credit of the true source {credit:.2f} (uniform {1 / len(names):.2f}); it is the top source for "
           f"at least half of the captions in {len(top)}/{len(names)} domains ({', '.join(top) or 'none'})"),
          yes(len(top) == len(names))),
+        ("attribution from the image alone (each source's ratio head; no caption prior)",
+         (f"mean credit of the true source {img_credit:.2f}; the top source for at least half of the captions in "
+          f"{len(img_top)}/{len(names)} domains ({', '.join(img_top) or 'none'})"), yes(len(img_top) == len(names))),
         (f"forgetting `{fg['forgotten']}` is exact and immediate",
          f"{fg['forget_seconds']:.2f} s; `verify`: {len(fg['verify'])} problem(s); generating with it refused",
          yes(not fg["verify"] and "generate" in fg["refusals"])),
@@ -468,7 +491,7 @@ def _verdicts(cfg: DemoConfig, res: dict) -> str:
 def write_report(cfg: DemoConfig, out: Path, res: dict, times: dict, wall: float) -> Path:
     from .io import write_text
 
-    o, names, r, u = cfg.out, list(cfg.domains), cfg.router, cfg.uncond
+    o, names, r, u, gf = cfg.out, list(cfg.domains), cfg.route, cfg.uncond, cfg.generate_flags
     rows = 2 * len(names) if u == "per-source" else len(names) + 1
     uncond_note = ("guidance with each source's own unconditional row; `--uncond shared` uses the frozen backbone's "
                    "one row instead (n+1 rows), which multiplies each adapter's departure from the backbone by the "
@@ -553,7 +576,7 @@ Columns: {SHOWN_PER_DOMAIN} held-out captions of each of {', '.join(names)} (`sa
 bottom: {'; '.join(smp['rows'])}. Every column starts from the same noise ({cfg.steps} Euler-ancestral steps,
 guidance {cfg.guidance}). Each adapter row:
 `prompt-cdm generate --adapter {o}/adapters/SOURCE --prompts {o}/samples_prompts.txt --out SOURCE.png`; the
-composition row: `prompt-cdm generate --registry {reg['folder']} --router {r} --uncond {u} --prompts {o}/samples_prompts.txt --out composed.png`.
+composition row: `prompt-cdm generate --registry {reg['folder']} {gf} --uncond {u} --prompts {o}/samples_prompts.txt --out composed.png`.
 
 ## 4. Quality: judge-TIFA and FID per domain ({cfg.n} held-out captions each)
 ```
@@ -578,7 +601,7 @@ Images: `compose/samples_{r}.png` (4 per domain).
 ![traces](compose/trace_{r}.png)
 
 Weight w_i(x_t, t) of each source over the sampling steps ({r} router; the legend gives each source's credit = mean
-weight), {SHOWN_PER_DOMAIN} captions per domain. `prompt-cdm generate --registry {reg['folder']} --router {r} --uncond {u} --prompt "..." --out img.png --trace trace.json` writes one.
+weight), {SHOWN_PER_DOMAIN} captions per domain. `prompt-cdm generate --registry {reg['folder']} {gf} --uncond {u} --prompt "..." --out img.png --trace trace.json` writes one.
 Mean credit per source over the {cfg.n} captions of each domain (bold: the caption's own source):
 
 {_credit_table(names, comp_credit, f'{cfg.n} captions')}
@@ -593,7 +616,7 @@ The ratio heads (ours: each head saw only its own source) on the first {RATIO_CR
 ## 6. Access policy: a caller limited to {len(pol['allowed'])} source(s)
 ```
 prompt-cdm registry policy --registry {reg['folder']} set {POLICY} {','.join(pol['allowed'])}
-prompt-cdm generate --registry {reg['folder']} --policy {POLICY} --router {r} --uncond {u} --prompts {o}/policy_prompts.txt --out policy.png --trace policy.json
+prompt-cdm generate --registry {reg['folder']} --policy {POLICY} {gf} --uncond {u} --prompts {o}/policy_prompts.txt --out policy.png --trace policy.json
 prompt-cdm generate --registry {reg['folder']} --policy {POLICY} --sources {pol['outside']} --prompt "..." --out x.png   # refused
 ```
 ![policy](policy.png)
@@ -684,7 +707,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         torch.set_num_threads(threads)
     q = res["quality"]["cells"]
     print(json.dumps({d: {s: {"tifa": round(q[f"{s}/{d}"]["score"], 3), "fid": round(q[f"{s}/{d}"]["fid_judge"], 1)}
-                          for s in ("frozen", "own", cfg.router) if f"{s}/{d}" in q} for d in ("base", *cfg.domains)},
+                          for s in ("frozen", "own", cfg.route) if f"{s}/{d}" in q} for d in ("base", *cfg.domains)},
                      indent=1))
     print(f"[demo] wall time {wall / 60:.1f} min")
     return report

@@ -24,7 +24,7 @@ def small_run(tmp_path_factory):
 def test_demo_writes_report_pictures_and_numbers(small_run):
     out = small_run
     report = (out / "report.md").read_text()
-    for fig in ("samples.png", "compose/trace_classifier.png", "compose/trace_ratio.png", "compose/attribution.png",
+    for fig in ("samples.png", "compose/trace_classifier+prior.png", "compose/trace_ratio.png", "compose/attribution.png",
                 "policy.png", "policy_trace.png", "forget.png", "forget_trace.png"):
         assert fig in report, fig
         assert (out / fig).stat().st_size > 1000, fig
@@ -33,11 +33,16 @@ def test_demo_writes_report_pictures_and_numbers(small_run):
         assert cmd in report, cmd
     res = json.loads((out / "results.json").read_text())
     cells = res["quality"]["cells"]
-    for key in ("frozen/base", "frozen/stars", "own/stars", "classifier/stars", "frozen/striped", "own/striped",
-                "classifier/striped"):
+    for key in ("frozen/base", "frozen/stars", "own/stars", "classifier+prior/stars", "frozen/striped", "own/striped",
+                "classifier+prior/striped"):
         assert 0.0 <= cells[key]["score"] <= 1.0 and cells[key]["fid_judge"] >= 0, key
-    credit = cells["classifier/stars"]["mean_credit"]
+    credit = cells["classifier+prior/stars"]["mean_credit"]
     assert len(credit) == 2 and abs(sum(credit) - 1) < 1e-4
+    # the caption prior is in effect: captions name their own source's words (16 captions per source here, so
+    # lambda(c) is far from certain on every caption), and the credit leans to the caption's source (uniform 0.5)
+    assert sum(cells[f"classifier+prior/{d}"]["true_credit"] for d in ("stars", "striped")) / 2 > 0.5
+    assert "--router classifier --caption-prior" in report
+    assert "attribution from the image alone" in report
     assert [t["source"] for t in res["sources"]] == ["stars", "striped"]
     assert set(res["stage_seconds"]) == {"sources", "registry", "samples", "quality", "ratio attribution", "policy",
                                          "forget"}
@@ -84,6 +89,16 @@ def test_demo_refuses_bad_settings_and_other_runs(small_run, capsys):
     # the same folder with another number of training steps: refused, nothing retrained silently
     assert main(["demo", "--out", str(small_run), *TINY, "--train-steps", "3"]) == 2
     assert "--train-steps 2" in capsys.readouterr().err
+
+
+def test_demo_config_without_the_caption_prior():
+    from prompt_cdm.demo import DemoConfig
+
+    on, off = DemoConfig(), DemoConfig(caption_prior=False)
+    assert (on.route, on.generate_flags) == ("classifier+prior", "--router classifier --caption-prior")
+    assert (off.route, off.generate_flags) == ("classifier", "--router classifier")
+    assert "--no-caption-prior" in off.command() and "caption-prior" not in on.command()
+    assert on.key() != off.key()  # a folder made with the prior is not reused without it
 
 
 @pytest.mark.slow
