@@ -64,22 +64,41 @@ def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: lis
     """Images + attribution of composing every source with `router` on one domain's prompts.
     router: an estimator name with optional modifiers, "+sparse" (sparse routing after compose.SPARSE_WARMUP of
     the steps), "+sparse0" (sparse routing from the first step) and "+prior" (the caption prior lambda(c),
-    caption_prior.py), e.g. "ito+prior+sparse".
+    caption_prior.py), e.g. "ito+prior+sparse"; "+watch" draws each image with the true source alone
+    (fixed one-hot weights) while the named estimator only watches the trajectory: its weights are the
+    attribution reported (its evidence on images whose source is known), they never steer the sample.
     uncond: the guidance's unconditional row(s), compose.UNCOND_MODES."""
+    from prompt_cdm.attribution import TraceRecorder
     from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, make_estimator
+    from prompt_cdm.estimators import FixedEstimator, WatchedEstimator
     from prompt_cdm.routers import caption_prior_from_registry
 
     name, *mods = router.split("+")
-    unknown = set(mods) - {"sparse", "sparse0", "prior"}
+    unknown = set(mods) - {"sparse", "sparse0", "prior", "watch"}
     if unknown:
-        raise ValueError(f"router {router!r}: unknown modifier(s) {sorted(unknown)}; use +sparse, +sparse0, +prior")
+        raise ValueError(f"router {router!r}: unknown modifier(s) {sorted(unknown)}; use +sparse, +sparse0, +prior, "
+                         "+watch")
+    watch = "watch" in mods
+    if watch and (len(mods) > 1 or true_index is None):
+        raise ValueError(f"router {router!r}: +watch needs prompts of a known source and no other modifier (the "
+                         "drawing source is fixed; sparse routing would drop the rows the watcher reads)")
     sparse = "sparse" in mods or "sparse0" in mods
     warmup = SPARSE_WARMUP if "sparse" in mods else 0.0
     prompt_prior = caption_prior_from_registry(reg, names, prompts, pipe.tokenizer) if "prior" in mods else None
     est, ctx = make_estimator(name, names, scheduler=pipe.scheduler, registry=reg)
+    if watch:
+        est = WatchedEstimator(FixedEstimator([float(i == true_index) for i in range(len(names))]), est)
     res = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed, uncond=uncond,
                          sparse_eps=SPARSE_EPS if sparse else 0.0, warmup_frac=warmup, router_context=ctx,
                          prompt_prior=prompt_prior, progress=True)
+    if watch:  # the traces and credit are the watcher's weights, on the same steps
+        watched = []
+        for k, rec in enumerate(res.traces):
+            w = TraceRecorder()
+            for step, t, weights in zip(rec.steps, rec.timesteps, est.watched_trace(k)):
+                w(step, t, weights)
+            watched.append(w)
+        res.traces = watched
     credit = torch.cat([tr.credit() for tr in res.traces])  # [N x n]
     rows = sum(sum(r) for r in res.rows_per_step) / len(prompts)  # UNet rows per image over all steps
     attribution = {"mean_credit": credit.mean(0).tolist(), "unet_rows_per_image": rows}

@@ -337,3 +337,19 @@ def test_cli_generate_bad_input_one_line_exit_2_nothing_written(exported, folder
     _one_line_exit_2(capsys, base + two + ["--router", "ito", "--scheduler", "DDIMScheduler"], "stochastic sampler")
     _one_line_exit_2(capsys, base + two + ["--scheduler", "MagicScheduler"], "unknown scheduler")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_watched_estimator_draws_with_the_drive_and_attributes_with_the_watcher(pipe, handles):
+    from prompt_cdm.estimators import WatchedEstimator
+
+    hs = [handles["a"], handles["b"]]
+    kw = dict(steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, output_type="latent", uncond="per-source")
+    alone = compose_images(pipe, hs, CAPTIONS, get_estimator("fixed", lambdas=[0, 1]), **kw)
+    est = WatchedEstimator(get_estimator("fixed", lambdas=[0, 1]),
+                           ItoEstimator(scheduler="EulerAncestralDiscreteScheduler"))
+    watched = compose_images(pipe, hs, CAPTIONS, est, **kw)
+    assert torch.equal(watched.images, alone.images)  # the watcher never touches the sample
+    assert torch.equal(watched.traces[0].weights[-1], torch.tensor([[0.0, 1.0]] * 2))  # the mix: b alone
+    tr = est.watched_trace()
+    assert tr.shape == (STEPS, 2, 2) and torch.allclose(tr[0], torch.full((2, 2), 0.5))
+    assert (tr[-1] - 0.5).abs().max() > 1e-3  # the watcher's own evidence moved

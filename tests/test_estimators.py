@@ -346,3 +346,26 @@ def test_mix_step_shared_and_per_source_unconditional_rows():
     sparse = mix_step(est, u, u, e, 4.0, sparse_eps=0.01, warmup_frac=0.5)
     assert sparse.active.tolist() == [[True, True, False]] * 2
     assert torch.equal(sparse.eps, mix_step(est, u, u, e, 4.0).eps)
+
+
+# --- watching: an estimator attributes a trajectory it does not steer --------------------------
+
+def test_watched_estimator_mixes_with_drive_and_records_the_watcher():
+    from prompt_cdm.estimators import WatchedEstimator
+
+    watcher = ItoEstimator(stochastic=True, space="ve")  # uniform prior: only the trajectory speaks
+    est = WatchedEstimator(FixedEstimator([0.0, 1.0, 0.0]), watcher)
+    x, _ = run(THREE, est, 50, 200, sampler="em")
+    # the drive mixed: every sample was drawn by source 1 alone
+    d = ((x[:, None] - THREE.mus[None]) ** 2).sum(-1)  # [B x n] squared distance to each mean
+    assert (d.argmin(1) == 1).float().mean() > 0.95
+    tr = est.watched_trace()
+    assert tr.shape == (50, 200, 3)
+    assert torch.allclose(tr[0], torch.full((200, 3), 1 / 3))  # the watcher starts at its own prior
+    # the watcher's evidence finds the source that drew the samples, without ever steering them
+    assert tr[-1, :, 1].mean() > 0.9 and est.watched_credit().shape == (200, 3)
+    # the mixing prior (user lambdas, a prompt prior) goes to the estimator that mixes
+    est.log_prior = torch.log(torch.tensor([[0.5, 0.5, 0.0]] * 200))
+    assert torch.equal(est.drive.log_prior, est.log_prior) and est.watch.log_prior is not est.log_prior
+    with pytest.raises(TypeError, match="watch must be a WeightEstimator"):
+        WatchedEstimator(FixedEstimator([1.0]), "ito")

@@ -79,6 +79,8 @@ def test_smoke_experiment_end_to_end(tmp_path):  # ~45 s: every stage of the pap
                  "--set", "threads=1"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert {r["claim"] for r in res["claims"]} == set(PAPER)
+    att = [r["ours"] for r in res["claims"] if r["claim"] == "attribution"]  # image only, then with the prior
+    assert len(att) == 2 and "ito+watch" in att[0] and "classifier+prior" in att[1]
     assert res["forget"]["verify_leftovers"] == [] and (out / "report.md").is_file() and (out / "systems.png").is_file()
     assert main(["experiment", "recipes/paper_small.toml", "--smoke", "--set", f'out="{out}"', "--set",
                  "n_eval=3"]) == 2  # another experiment's folder is refused

@@ -15,6 +15,7 @@ from .fixed import FixedEstimator
 from .ito import ItoEstimator, ito_terms
 from .ratio import RatioEstimator, ratio_loss
 from .uniform import UniformEstimator
+from .watch import WatchedEstimator
 
 ESTIMATORS: dict[str, type[WeightEstimator]] = {
     "uniform": UniformEstimator,
@@ -36,5 +37,5 @@ def get_estimator(name: str, **config) -> WeightEstimator:
 __all__ = [
     "ESTIMATORS", "get_estimator", "mix_step", "MixOutput", "WeightEstimator", "LogitEstimator",
     "UniformEstimator", "FixedEstimator", "ClassifierEstimator", "RatioEstimator", "ItoEstimator",
-    "classifier_loss", "ratio_loss", "ito_terms",
+    "WatchedEstimator", "classifier_loss", "ratio_loss", "ito_terms",
 ]
