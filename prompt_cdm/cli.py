@@ -451,7 +451,8 @@ def _add_compose_parsers(sub) -> None:
     g.add_argument("--sources", default=None, metavar="A,B", help="registry sources to compose (default: all "
                    "the policy allows)")
     g.add_argument("--policy", default=None, help="registry access policy (the sources a caller may use)")
-    g.add_argument("--router", default="uniform", help="weight estimator: uniform, fixed, classifier, ratio, ito")
+    g.add_argument("--router", default="uniform",
+                   help="weight estimator: uniform, fixed, classifier, ratio, ito, path (trajectory likelihood)")
     g.add_argument("--weights", default=None, metavar="A=0.5,B=0.5",
                    help="mixing prior lambda per source (the mixture itself for --router fixed)")
     g.add_argument("--sparse", action="store_true", help="sparse routing: drop low-weight sources after warm-up")

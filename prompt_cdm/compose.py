@@ -34,7 +34,7 @@ import torch
 from .adapters.lora import BASE, lora_layers
 from .adapters.lora import route_rows as _route_rows
 from .estimators import MixOutput, WeightEstimator, mix_step
-from .mixing import normalize, prior_logits
+from .mixing import guided_rows, normalize, prior_logits
 
 UNCOND_MODES = ("shared", "per-source")
 # sparse routing's starting point (DESIGN.md section 2; to be measured, not trusted): drop a source
@@ -280,7 +280,10 @@ class ComposedDenoiser:
         if self.last is not None:
             # the sampler stepped last.x -> x (both in the denoiser's input space): the trajectory
             # estimators (ito) integrate it, with the sigmas of that step still set
-            est.observe(self.last.x, x, self.last.eps_rows, active=self.last.computed)
+            rows = self.last.eps_rows
+            if getattr(est, "observes_guided", False):  # the kernel each source's own sampler would step with
+                rows = guided_rows(self.last.eps_uncond, rows, self.guidance_scale)
+            est.observe(self.last.x, x, rows, active=self.last.computed)
         sigma, sigma_next = step_sigmas(self.scheduler, step)
         est.set_state(step, n_steps, t, sigma, sigma_next)
 
@@ -449,9 +452,9 @@ def make_estimator(router: str, names: Sequence[str], lambdas: Sequence[float] |
             return get_estimator(router, **kw), False
         if temperature != 1.0:
             kw["temperature"] = temperature
-        if router == "ito":
+        if router in ("ito", "path"):  # trajectory estimators: the sampler must be stochastic
             name = type(scheduler).__name__ if scheduler is not None else None
-            return get_estimator("ito", scheduler=name, **kw), False
+            return get_estimator(router, scheduler=name, **kw), False
         if registry is None:
             raise ComposeError(f"router {router!r} needs trained heads: compose from a registry (--registry) "
                                "that holds them (`prompt-cdm router train`)")

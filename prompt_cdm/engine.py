@@ -393,7 +393,7 @@ class Engine:
                     est, ctx = make_estimator(job.router, names, lam, scheduler=self._scheduler, registry=self._reg)
                 except RegistryError:  # its message may list other sources' heads: say only what failed
                     raise Invalid(f"router {job.router!r} has no usable trained heads for these sources; use "
-                                  "uniform, fixed or ito, or ask an admin to train it") from None
+                                  "uniform, fixed, ito or path, or ask an admin to train it") from None
                 except ComposeError as e:
                     raise Invalid(str(e)) from None
                 prompt_prior = None

@@ -27,6 +27,15 @@ def guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> 
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def guided_rows(eps_uncond: torch.Tensor | None, eps_rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each source's own guided prediction [n x N x ...]: its conditional row guided by its unconditional
+    row (per-source, [n x N x ...]) or by the shared one ([N x ...]); the rows themselves without guidance.
+    Mixing these with weights w equals guiding the mixed rows (guidance is affine and w sums to 1)."""
+    if eps_uncond is None:
+        return eps_rows
+    return guidance(eps_uncond if eps_uncond.dim() == eps_rows.dim() else eps_uncond.unsqueeze(0), eps_rows, scale)
+
+
 def _check_rows(eps_rows: torch.Tensor, weights: torch.Tensor) -> None:
     if weights.dim() != 2:
         raise ValueError(f"weights must be [N x n], got shape {tuple(weights.shape)}")

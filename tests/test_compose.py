@@ -353,3 +353,37 @@ def test_watched_estimator_draws_with_the_drive_and_attributes_with_the_watcher(
     tr = est.watched_trace()
     assert tr.shape == (STEPS, 2, 2) and torch.allclose(tr[0], torch.full((2, 2), 0.5))
     assert (tr[-1] - 0.5).abs().max() > 1e-3  # the watcher's own evidence moved
+
+
+@pytest.mark.parametrize("uncond", ["shared", "per-source"])
+def test_path_observes_each_sources_guided_rows(pipe, handles, uncond):
+    from prompt_cdm.estimators import PathEstimator
+    from prompt_cdm.mixing import guided_rows
+
+    seen = []
+
+    class SpyPath(PathEstimator):
+        def observe(self, x_prev, x_next, eps_rows, active=None):
+            seen.append(eps_rows.clone())
+            super().observe(x_prev, x_next, eps_rows, active)
+
+    hs = [handles["a"], handles["b"]]
+    d = ComposedDenoiser(pipe, hs, CAPTIONS, SpyPath(scheduler="EulerAncestralDiscreteScheduler"),
+                         _scheduler(pipe), guidance_scale=GUIDANCE, uncond=uncond)
+    records = []
+
+    def denoise(x, t):
+        out = d(x, t)
+        records.append(d.last)
+        return out
+
+    gen = torch.Generator().manual_seed(SEED)
+    sample(denoise, d.scheduler, torch.randn(2, 4, 16, 16, generator=gen), STEPS, generator=gen)
+    assert len(seen) == STEPS - 1
+    for k, rows in enumerate(seen):
+        r = records[k]
+        want = guided_rows(r.eps_uncond, r.eps_rows, GUIDANCE)
+        assert torch.equal(rows, want) and not torch.equal(rows, r.eps_rows)
+        # mixing the guided rows is the step the sampler took (guidance is affine, weights sum to 1)
+        assert torch.allclose((r.out.weights.t()[..., None, None, None] * rows).sum(0), r.out.eps, atol=1e-5)
+    assert make_estimator("path", ["a", "b"], scheduler=d.scheduler)[0].name == "path"

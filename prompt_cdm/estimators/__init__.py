@@ -13,6 +13,7 @@ from .base import LogitEstimator, MixOutput, WeightEstimator, mix_step
 from .classifier import ClassifierEstimator, classifier_loss
 from .fixed import FixedEstimator
 from .ito import ItoEstimator, ito_terms
+from .path import PathEstimator
 from .ratio import RatioEstimator, ratio_loss
 from .uniform import UniformEstimator
 from .watch import WatchedEstimator
@@ -23,6 +24,7 @@ ESTIMATORS: dict[str, type[WeightEstimator]] = {
     "classifier": ClassifierEstimator,
     "ratio": RatioEstimator,
     "ito": ItoEstimator,
+    "path": PathEstimator,
 }
 
 
@@ -37,5 +39,5 @@ def get_estimator(name: str, **config) -> WeightEstimator:
 __all__ = [
     "ESTIMATORS", "get_estimator", "mix_step", "MixOutput", "WeightEstimator", "LogitEstimator",
     "UniformEstimator", "FixedEstimator", "ClassifierEstimator", "RatioEstimator", "ItoEstimator",
-    "WatchedEstimator", "classifier_loss", "ratio_loss", "ito_terms",
+    "PathEstimator", "WatchedEstimator", "classifier_loss", "ratio_loss", "ito_terms",
 ]

@@ -80,6 +80,8 @@ class ItoEstimator(WeightEstimator):
     """
 
     name = "ito"
+    needs_noise = ("the Itô density estimator needs a stochastic sampler (a deterministic step has no noise to "
+                   "cancel the Laplacian term)")
 
     def __init__(self, lambdas=None, temperature: float = 1.0, stochastic: bool | None = None,
                  scheduler: str | None = None, space: str = "vp"):
@@ -90,21 +92,20 @@ class ItoEstimator(WeightEstimator):
             elif scheduler in DETERMINISTIC_SCHEDULERS:
                 known = False
             elif stochastic is None:
-                raise ValueError(f"ito: unknown scheduler {scheduler!r}; pass stochastic=True only "
+                raise ValueError(f"{self.name}: unknown scheduler {scheduler!r}; pass stochastic=True only "
                                  "if each step adds fresh Gaussian noise (ancestral / SDE sampler)")
             else:
                 known = stochastic
             if stochastic is not None and stochastic != known:
-                raise ValueError(f"ito: scheduler {scheduler!r} contradicts stochastic={stochastic}")
+                raise ValueError(f"{self.name}: scheduler {scheduler!r} contradicts stochastic={stochastic}")
             stochastic = known
         if stochastic is None:
-            raise ValueError("ito: say which sampler drives the trajectory: stochastic=True (DDPM, "
+            raise ValueError(f"{self.name}: say which sampler drives the trajectory: stochastic=True (DDPM, "
                              "Euler-ancestral, Euler-Maruyama) or scheduler='<diffusers class name>'")
         if not stochastic:
-            raise ValueError("ito: the Itô density estimator needs a stochastic sampler (a "
-                             f"deterministic step has no noise to cancel the Laplacian term); {_FIX}")
+            raise ValueError(f"{self.name}: {self.needs_noise}; {_FIX}")
         if space not in ("vp", "ve"):
-            raise ValueError(f"ito: space must be 'vp' or 've', got {space!r}")
+            raise ValueError(f"{self.name}: space must be 'vp' or 've', got {space!r}")
         self.space = space
         self.ll: torch.Tensor | None = None  # [N x n] float64, log q_i up to a common constant
 
@@ -124,13 +125,13 @@ class ItoEstimator(WeightEstimator):
     def observe(self, x_prev, x_next, eps_rows, active=None) -> None:
         self._check_ready()
         if self.sigma is None or self.sigma_next is None:
-            raise RuntimeError("ito: call set_state(step, n_steps, t, sigma, sigma_next) with the "
+            raise RuntimeError(f"{self.name}: call set_state(step, n_steps, t, sigma, sigma_next) with the "
                                "VE sigmas of the step before observe()")
         if not self.sigma_next < self.sigma:
-            raise ValueError(f"ito: a reverse step needs sigma_next < sigma, got "
+            raise ValueError(f"{self.name}: a reverse step needs sigma_next < sigma, got "
                              f"{self.sigma_next} >= {self.sigma}")
         if eps_rows.shape[:2] != (self.n_sources, self.batch):
-            raise ValueError(f"ito: eps_rows must be [n x N x ...] = ({self.n_sources}, "
+            raise ValueError(f"{self.name}: eps_rows must be [n x N x ...] = ({self.n_sources}, "
                              f"{self.batch}, ...), got {tuple(eps_rows.shape)}")
         inc = self.increment(self.to_ve(x_prev, self.sigma), self.to_ve(x_next, self.sigma_next),
                              eps_rows)

@@ -42,6 +42,11 @@ class WatchedEstimator(WeightEstimator):
             self.trajectories.append([])
 
     @property
+    def observes_guided(self) -> bool:
+        """Whether `observe` should get each source's guided rows (what the watcher asks for)."""
+        return getattr(self.watch, "observes_guided", False)
+
+    @property
     def log_prior(self):
         return None if getattr(self, "drive", None) is None else self.drive.log_prior
 
