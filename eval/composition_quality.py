@@ -255,12 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--uncond", default="shared", help="guidance's unconditional row: shared (frozen backbone, n+1 "
                    "rows) or per-source (2n rows)")
+    p.add_argument("--router-steps", type=int, default=400, help="classifier / ratio-head training steps (when this "
+                   "folder's registry does not hold them yet)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     res = evaluate(a.adapters, a.data, a.out, a.domains.split(",") if a.domains else None, a.routers.split(","),
                    n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed,
-                   sources=a.sources.split(",") if a.sources else None, uncond=a.uncond)
+                   sources=a.sources.split(",") if a.sources else None, router_steps=a.router_steps, uncond=a.uncond)
     print(table(res["summary"]))
 
 
