@@ -190,7 +190,7 @@ class _RecordingUNet:
 @torch.no_grad()
 def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, estimator=None, *, steps: int = 25,
                first_steps: int = 5, guidance: float = 7.5, seed: int = 0, uncond: str | None = None,
-               scheduler=None) -> torch.Tensor:
+               scheduler=None, prompt_prior=None) -> torch.Tensor:
     """[N] Wen et al.'s score per prompt: the mean over the first `first_steps` of `steps` sampling steps of
     ||eps(x_t, c) - eps(x_t, empty)||_2, on the trajectory the sampler actually takes (guidance `guidance`).
 
@@ -198,7 +198,8 @@ def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, es
     (`compose.Source`s already applied to `pipe`) with `estimator` (default uniform); its conditional
     prediction is the mixed sum_i w_i eps_i(c) and its unconditional one the shared row (or the
     weight-mixed per-source rows). uncond: default per-source for one source (= plain diffusers with that
-    adapter), else shared. One batch, noise from torch.Generator(seed)."""
+    adapter), else shared. prompt_prior: lambda(c) per prompt [N x n] (compose.ComposedDenoiser). One batch,
+    noise from torch.Generator(seed)."""
     import copy
 
     from prompt_cdm.generate import encode_prompts, guided_denoiser
@@ -228,7 +229,7 @@ def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, es
         from prompt_cdm.estimators import get_estimator
 
         denoise = ComposedDenoiser(pipe, sources, prompts, estimator or get_estimator("uniform"), sched,
-                                   guidance_scale=guidance,
+                                   guidance_scale=guidance, prompt_prior=prompt_prior,
                                    uncond=uncond or ("per-source" if len(sources) == 1 else "shared"))
 
         def read():
@@ -273,16 +274,23 @@ def duplicated_source(domain: str, out: str | Path, n_unique: int = 400, n_dupli
     return out
 
 
-def _training_images(folder: str | Path) -> tuple[list, list[dict]]:
-    """The distinct training images of an imagefolder (byte-identical files once) and their metadata rows."""
+def _metadata(folder: str | Path) -> list[dict]:
     import json
 
+    path = Path(folder) / "metadata.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no metadata.jsonl: give the imagefolder the source was trained on")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _training_images(folder: str | Path) -> tuple[list, list[dict]]:
+    """The distinct training images of an imagefolder (byte-identical files once) and their metadata rows."""
     from PIL import Image
 
     from prompt_cdm.io import sha256_file
 
     folder = Path(folder)
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    rows = _metadata(folder)
     seen, images, kept = set(), [], []
     for r in rows:
         digest = sha256_file(folder / r["file_name"])
@@ -298,14 +306,17 @@ def _training_images(folder: str | Path) -> tuple[list, list[dict]]:
 def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, train_folder: str | Path, *,
                          n_per_prompt: int = 8, threshold: float = COPY_THRESHOLD, router: str = "uniform",
                          steps: int = 25, guidance: float = 5.0, seed: int = 0, wen_first_steps: int = 5,
-                         n_floor: int = 200, uncond: str = "per-source") -> dict:
+                         n_floor: int = 200, uncond: str = "per-source",
+                         prior_data: dict[str, str | Path] | None = None) -> dict:
     """Copy rate of `target`'s adapter alone vs the composition of all `adapters` ({name: folder}) on the
     captions of `target`'s duplicated training images (`duplicated_source`), n_per_prompt seeds each
     (CDM paper Fig. 4B: mixing sources lowers the copy rate). Also Wen et al.'s score of each setting and,
     for a shapes-world folder, `heldout_floor`: the rate n_floor held-out renders of its domain score (what a
     model that never copies but draws the same scenes would get). uncond: the composition's guidance rows
-    (compose.UNCOND_MODES; the adapter alone is always guided by its own row, as plain diffusers does). The
-    adapters are removed afterwards.
+    (compose.UNCOND_MODES; the adapter alone is always guided by its own row, as plain diffusers does).
+    prior_data: {name: imagefolder} of every adapter's training data -> the composition also weighs each
+    source by the caption prior lambda(c) (caption_prior.py) of those captions. The adapters are removed
+    afterwards.
 
         duplicated_source("stars", "runs/mem/stars_dup")           # then train an adapter on it, e.g.
         # prompt-cdm train --source runs/mem/stars_dup --out runs/mem/adapters/stars_dup
@@ -319,7 +330,18 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
     prompts = [r["text"] for r in rows if r.get("duplicated")] or [r["text"] for r in rows]
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     out = {"target": target, "threshold": threshold, "n_generations": len(prompts), "n_training": len(train),
-           "router": router, "uncond": uncond}
+           "router": router, "uncond": uncond, "caption_prior": prior_data is not None}
+    lam = None
+    if prior_data is not None:
+        missing = sorted(set(adapters) - set(prior_data))
+        if missing:
+            raise ValueError(f"prior_data lacks the training data of {missing}: the caption prior needs every "
+                             "composed source's captions")
+        from prompt_cdm.caption_prior import caption_stats, content_ids, prior
+
+        stats = [caption_stats(content_ids(pipe.tokenizer, [r["text"] for r in _metadata(prior_data[n])]),
+                               pipe.tokenizer.vocab_size) for n in adapters]
+        lam = prior(stats, content_ids(pipe.tokenizer, prompts))
     domain = rows[0].get("spec", {}).get("domain") if isinstance(rows[0].get("spec"), dict) else None
     if domain:  # the rate of a model that never copies: held-out renders of the same domain
         from prompt_cdm.world.dataset import examples
@@ -331,10 +353,11 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
         try:
             est, ctx = make_estimator(router if len(names) > 1 else "uniform", [s.name for s in sources])
             mode = "per-source" if len(names) == 1 else uncond
+            pp = lam if len(names) > 1 else None
             images = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed,
-                                    uncond=mode, router_context=ctx).images
+                                    uncond=mode, router_context=ctx, prompt_prior=pp).images
             wen = wen_scores(pipe, prompts, sources, est, steps=steps, first_steps=wen_first_steps,
-                             guidance=guidance, seed=seed, uncond=mode)
+                             guidance=guidance, seed=seed, uncond=mode, prompt_prior=pp)
         finally:
             for h in loaded:
                 h.remove()
@@ -361,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--compose-with", required=True, metavar="DIR,DIR", help="other sources' adapter folders")
     p.add_argument("--router", default="uniform")
+    p.add_argument("--caption-prior", metavar="DIR,DIR", default="",
+                   help="weigh the composition by the caption prior: the --compose-with sources' training imagefolders, "
+                   "in the same order")
     p.add_argument("--uncond", default="per-source")
     p.add_argument("--per-prompt", type=int, default=16, help="generations per duplicated caption")
     p.add_argument("--sample-steps", type=int, default=25)
@@ -383,12 +409,18 @@ def main(argv: list[str] | None = None) -> None:
                           lora=LoraTrain(rank=a.rank, alpha=float(a.rank), lr=1e-3))
         train("tiny", [str(data)], cfg, adapter, source_id=name)
     others = {Path(d).name: Path(d) for d in a.compose_with.split(",") if d}
+    prior_data = None
+    if a.caption_prior:
+        folders = [Path(d) for d in a.caption_prior.split(",") if d]
+        if len(folders) != len(others):
+            p.error(f"--caption-prior names {len(folders)} folders for {len(others)} --compose-with adapters")
+        prior_data = {name: data, **dict(zip(others, folders))}
     res = copy_rate_experiment(load_quietly("tiny"), {name: adapter, **others}, name, data,
                                n_per_prompt=a.per_prompt, router=a.router, seed=a.seed, uncond=a.uncond,
-                               steps=a.sample_steps, wen_first_steps=min(5, a.sample_steps))
+                               steps=a.sample_steps, wen_first_steps=min(5, a.sample_steps), prior_data=prior_data)
     from prompt_cdm.io import write_json
 
-    write_json(out / "copy_experiment.json", res)
+    write_json(out / ("copy_experiment_caption_prior.json" if prior_data else "copy_experiment.json"), res)
     print(json.dumps(res, indent=1))
 
 

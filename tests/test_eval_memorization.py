@@ -184,6 +184,16 @@ def test_duplicated_source_and_copy_experiment(pipe, tmp_path):
         assert 0.0 <= r["copy_rate"] <= 1.0 and r["mean_nearest_distance"] > 0 and r["wen_mean"] > 0
     assert res["composed"]["sources"] == ["dup", "other"]
     assert soft_prompt.applied_tokens(pipe, "<dup>") == []  # the adapters were removed again
+    # the composition weighed by the caption prior of each source's training captions
+    from prompt_cdm.world.dataset import render_domain
+
+    other_data = render_domain("striped", 4, tmp_path / "striped", seed=1)[0]
+    with pytest.raises(ValueError, match=r"lacks the training data of \['other'\]"):
+        copy_rate_experiment(pipe, adapters, "dup", folder, n_per_prompt=1, steps=2, wen_first_steps=1, n_floor=2,
+                             prior_data={"dup": folder})
+    res = copy_rate_experiment(pipe, adapters, "dup", folder, n_per_prompt=2, steps=2, wen_first_steps=1, n_floor=10,
+                               prior_data={"dup": folder, "other": other_data})
+    assert res["caption_prior"] and 0.0 <= res["composed"]["copy_rate"] <= 1.0
 
 
 def test_copy_experiment_command(tmp_path):
