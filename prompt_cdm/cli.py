@@ -310,6 +310,9 @@ def cmd_generate(a) -> None:
     trace_png = Path(a.trace).with_suffix(".png") if a.trace else None
     if trace_png is not None and trace_png == Path(a.trace):
         raise UsageError(f"--trace {a.trace}: give a .json path (the plot goes beside it as .png)")
+    if trace_png is not None and trace_png.resolve() == Path(a.out).resolve():
+        raise UsageError(f"--trace {a.trace} would write its plot to {trace_png}, which is --out; give the trace "
+                         "another name (e.g. trace.json)")
     reg = Registry(a.registry) if a.registry else None
     names = None
     if reg is not None:

@@ -336,6 +336,9 @@ def test_cli_generate_bad_input_one_line_exit_2_nothing_written(exported, folder
     _one_line_exit_2(capsys, base + ["--adapter", str(other)], "load the backbone it was trained on")
     _one_line_exit_2(capsys, base + two + ["--router", "ito", "--scheduler", "DDIMScheduler"], "stochastic sampler")
     _one_line_exit_2(capsys, base + two + ["--scheduler", "MagicScheduler"], "unknown scheduler")
+    _one_line_exit_2(capsys, base + two + ["--router", "path", "--scheduler", "DDIMScheduler"], "stochastic sampler")
+    # the trace's plot would land on the image itself
+    _one_line_exit_2(capsys, base + two + ["--trace", str(tmp_path / "x.json")], "which is --out")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
 
