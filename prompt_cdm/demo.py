@@ -616,7 +616,7 @@ The ratio heads (ours: each head saw only its own source) on the first {RATIO_CR
 ## 6. Access policy: a caller limited to {len(pol['allowed'])} source(s)
 ```
 prompt-cdm registry policy --registry {reg['folder']} set {POLICY} {','.join(pol['allowed'])}
-prompt-cdm generate --registry {reg['folder']} --policy {POLICY} {gf} --uncond {u} --prompts {o}/policy_prompts.txt --out policy.png --trace policy.json
+prompt-cdm generate --registry {reg['folder']} --policy {POLICY} {gf} --uncond {u} --prompts {o}/policy_prompts.txt --out policy.png --trace policy_trace.json
 prompt-cdm generate --registry {reg['folder']} --policy {POLICY} --sources {pol['outside']} --prompt "..." --out x.png   # refused
 ```
 ![policy](policy.png)
@@ -635,7 +635,7 @@ prompt-cdm registry forget --registry {fg['registry']} {fg['forgotten']}
 prompt-cdm registry verify --registry {fg['registry']}
 prompt-cdm generate --registry {fg['registry']} --sources {fg['forgotten']} --prompt "..." --out x.png        # refused
 prompt-cdm router train --registry {fg['registry']} --kind classifier --steps {cfg.router_steps}             # the stale classifier
-prompt-cdm generate --registry {fg['registry']} --router ratio --uncond {u} --prompts {o}/forget_prompts.txt --out forget.png --trace forget.json
+prompt-cdm generate --registry {fg['registry']} --router ratio --uncond {u} --prompts {o}/forget_prompts.txt --out forget.png --trace forget_trace.json
 ```
 - Forgetting took **{fg['forget_seconds']:.2f} s**: deleted {', '.join(f'`{p}`' for p in fg['deleted'])}; routers
   made stale (they saw its data together with others, their weights are deleted):

@@ -293,7 +293,7 @@ def test_cli_router_cache_train_and_generate(pipe, adapters, tmp_path, capsys):
                  "--batch-size", "4"]) == 0
     assert main(["registry", "verify", "--registry", reg]) == 0
     for router in ("ratio", "classifier"):
-        out, trace = tmp_path / f"{router}.png", tmp_path / f"{router}.json"
+        out, trace = tmp_path / f"{router}.png", tmp_path / f"{router}_trace.json"
         assert main(["generate", "--registry", reg, "--prompt", "a red star", "--router", router, "--steps", "2",
                      "--out", str(out), "--trace", str(trace)]) == 0
         data = json.loads(trace.read_text())
@@ -302,7 +302,7 @@ def test_cli_router_cache_train_and_generate(pipe, adapters, tmp_path, capsys):
     # distinctive words routes to it even under the uniform router
     assert (tmp_path / "reg" / "caches" / "a" / "caption_stats.json").is_file()
     for prompt, favoured in (("a red star", "a"), ("a red circle on a striped background", "c")):
-        trace = tmp_path / "prior.json"
+        trace = tmp_path / "prior_trace.json"
         assert main(["generate", "--registry", reg, "--prompt", prompt, "--router", "uniform", "--caption-prior",
                      "--steps", "2", "--out", str(tmp_path / "prior.png"), "--trace", str(trace)]) == 0
         credit = json.loads(trace.read_text())["credit"]
