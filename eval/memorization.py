@@ -274,23 +274,16 @@ def duplicated_source(domain: str, out: str | Path, n_unique: int = 400, n_dupli
     return out
 
 
-def _metadata(folder: str | Path) -> list[dict]:
-    import json
-
-    path = Path(folder) / "metadata.jsonl"
-    if not path.is_file():
-        raise ValueError(f"{folder} has no metadata.jsonl: give the imagefolder the source was trained on")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _training_images(folder: str | Path) -> tuple[list, list[dict]]:
     """The distinct training images of an imagefolder (byte-identical files once) and their metadata rows."""
+    import json
+
     from PIL import Image
 
     from prompt_cdm.io import sha256_file
 
     folder = Path(folder)
-    rows = _metadata(folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
     seen, images, kept = set(), [], []
     for r in rows:
         digest = sha256_file(folder / r["file_name"])
@@ -337,11 +330,11 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
         if missing:
             raise ValueError(f"prior_data lacks the training data of {missing}: the caption prior needs every "
                              "composed source's captions")
-        from prompt_cdm.caption_prior import caption_stats, content_ids, prior
+        from prompt_cdm.caption_prior import content_ids, prior
+        from prompt_cdm.routers import folder_caption_stats
 
-        stats = [caption_stats(content_ids(pipe.tokenizer, [r["text"] for r in _metadata(prior_data[n])]),
-                               pipe.tokenizer.vocab_size) for n in adapters]
-        lam = prior(stats, content_ids(pipe.tokenizer, prompts))
+        lam = prior([folder_caption_stats(pipe.tokenizer, prior_data[n]) for n in adapters],
+                    content_ids(pipe.tokenizer, prompts))
     domain = rows[0].get("spec", {}).get("domain") if isinstance(rows[0].get("spec"), dict) else None
     if domain:  # the rate of a model that never copies: held-out renders of the same domain
         from prompt_cdm.world.dataset import examples

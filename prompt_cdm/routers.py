@@ -134,18 +134,24 @@ def cache_latents(registry: Registry, name: str | None, pipe, folder) -> str:
     return str(path.relative_to(registry.folder))
 
 
-def cache_caption_stats(registry: Registry, name: str, tokenizer, folder) -> str:
-    """caches/NAME/caption_stats.json: the token counts of source `name`'s captions (the caption prior's
-    per-source model; deleted with the source)."""
+def folder_caption_stats(tokenizer, folder):
+    """caption_prior.CaptionStats of an imagefolder's captions (metadata.jsonl `text`)."""
     from .caption_prior import caption_stats, content_ids
-    from .io import write_json
     from .world.dataset import read_imagefolder
 
-    registry.source(name)
     captions = [r["text"] for r in read_imagefolder(folder)]
     if not captions:
         raise RegistryError(f"{folder}/metadata.jsonl lists no caption")
-    stats = caption_stats(content_ids(tokenizer, captions), tokenizer.vocab_size)
+    return caption_stats(content_ids(tokenizer, captions), tokenizer.vocab_size)
+
+
+def cache_caption_stats(registry: Registry, name: str, tokenizer, folder) -> str:
+    """caches/NAME/caption_stats.json: the token counts of source `name`'s captions (the caption prior's
+    per-source model; deleted with the source)."""
+    from .io import write_json
+
+    registry.source(name)
+    stats = folder_caption_stats(tokenizer, folder)
     path = registry.cache_dir(name) / CAPTION_STATS
     write_json(path, stats.to_json())
     return str(path.relative_to(registry.folder))
