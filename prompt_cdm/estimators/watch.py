@@ -30,8 +30,8 @@ class WatchedEstimator(WeightEstimator):
         for role, est in (("drive", drive), ("watch", watch)):
             if not isinstance(est, WeightEstimator):
                 raise TypeError(f"WatchedEstimator: {role} must be a WeightEstimator, got {type(est).__name__}")
+        self.drive, self.watch = drive, watch  # first: the base class sets log_prior, which is the drive's
         super().__init__(None, 1.0)
-        self.drive, self.watch = drive, watch
         self.trajectories: list[list[torch.Tensor]] = []  # per reset: the watched weights [N x n] per step
 
     def reset(self, n_sources: int, batch: int) -> None:
@@ -48,13 +48,12 @@ class WatchedEstimator(WeightEstimator):
 
     @property
     def log_prior(self):
-        return None if getattr(self, "drive", None) is None else self.drive.log_prior
+        return self.drive.log_prior
 
     @log_prior.setter
     def log_prior(self, value) -> None:
         # the mixing prior (user lambdas, a prompt prior) belongs to the estimator that mixes
-        if getattr(self, "drive", None) is not None:
-            self.drive.log_prior = value
+        self.drive.log_prior = value
 
     def set_state(self, step, n_steps, t=None, sigma=None, sigma_next=None) -> None:
         super().set_state(step, n_steps, t, sigma, sigma_next)
