@@ -168,28 +168,39 @@ def _check_pipeline_folder(path: Path) -> None:
         )
 
 
-def _load_tiny():
+def is_weight_folder(path: Path) -> bool:
+    """A tiny-backbone weight folder (unet/, vae/, text_encoder/ with configs; no model_index.json),
+    as `backbone pretrain` writes under `out/weights` and the package ships."""
+    return not (path / "model_index.json").exists() and all(
+        (path / sub / "config.json").exists() for sub in ("unet", "vae", "text_encoder"))
+
+
+def _load_tiny(folder: Path = TINY_DIR):
+    """A pipeline from a weight folder, with the world's tokenizer and the tiny scheduler."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from .world.tokenizer import clip_tokenizer
 
-    if not (TINY_DIR / "unet" / "diffusion_pytorch_model.safetensors").exists():
+    if not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists():
         raise BackboneError(
-            f"the tiny backbone's weights are missing from {TINY_DIR}; "
+            f"the tiny backbone's weights are missing from {folder}; "
             "train them with `prompt-cdm backbone pretrain recipes/tiny_backbone.toml`"
         )
     kw = dict(torch_dtype=torch.float32, use_safetensors=True)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(TINY_DIR / "vae", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(TINY_DIR / "text_encoder", **kw),
-        tokenizer=clip_tokenizer(),
-        unet=UNet2DConditionModel.from_pretrained(TINY_DIR / "unet", **kw),
-        scheduler=tiny_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    try:
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL.from_pretrained(folder / "vae", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw),
+            tokenizer=clip_tokenizer(),
+            unet=UNet2DConditionModel.from_pretrained(folder / "unet", **kw),
+            scheduler=tiny_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise BackboneError(f"cannot load the weight folder {folder}: {str(e).splitlines()[0]}") from None
     return pipe
 
 
@@ -201,24 +212,33 @@ def freeze(pipe):
     return pipe
 
 
+def _load_pipeline(name_or_path: str, path: Path, looks_local: bool, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    if looks_local:
+        _check_pipeline_folder(path)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            name_or_path, torch_dtype=dtype, use_safetensors=True, safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise BackboneError(f"cannot load backbone {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    return pipe
+
+
 def load(name_or_path: str = "tiny", dtype: torch.dtype = torch.float32):
-    """Load and freeze a backbone: 'tiny', a diffusers SD pipeline folder, or a hub id."""
+    """Load and freeze a backbone: 'tiny', a tiny-backbone weight folder, a diffusers SD pipeline folder,
+    or a hub id."""
     if name_or_path == "tiny":
         pipe = _load_tiny()
     else:
-        from diffusers import StableDiffusionPipeline
-
         path = Path(name_or_path)
         looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
-        if looks_local:
-            _check_pipeline_folder(path)
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                name_or_path, torch_dtype=dtype, use_safetensors=True, safety_checker=None,
-                requires_safety_checker=False,
-            )
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise BackboneError(f"cannot load backbone {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        if looks_local and path.is_dir() and is_weight_folder(path):
+            pipe = _load_tiny(path)  # e.g. `backbone pretrain`'s out/weights, without installing it
+        else:
+            pipe = _load_pipeline(name_or_path, path, looks_local, dtype)
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     pipe.backbone_name = name_or_path

@@ -1,8 +1,8 @@
-"""Pretraining recipe of the tiny backbone on the shapes world's base domain.
+"""Pretraining recipe of the tiny backbone on the shapes world (its base domain by default).
 
 Stage 1 trains the autoencoder on renders of *every* domain (it is the frozen image codec, like
-SD's VAE, and must represent what adapters will later learn). Stage 2 encodes base-domain
-renders once, then trains the UNet and the text encoder from scratch on the cached latents
+SD's VAE, and must represent what adapters will later learn). Stage 2 encodes renders of the
+configured domains once, then trains the UNet and the text encoder from scratch on the cached latents
 (epsilon prediction, min-SNR weighting, 10% caption dropout for classifier-free guidance, EMA).
 Both stages checkpoint to safetensors and resume after a kill; batches are drawn from a
 generator seeded by (seed, step), so a resumed run sees the same data as an uninterrupted one.
@@ -69,7 +69,11 @@ class UNetStage:
 @dataclass
 class PretrainConfig:
     out: str = "runs/backbone"
+    # the UNet stage's images: one domain, a comma-separated mixture (equal shares) or "all"
     domain: str = "base"
+    # "named": the world's captions; "generic": the base vocabulary only (world.captions.describe_generic),
+    # so the backbone sees new visuals without the words that name them
+    captions: str = "named"
     threads: int = 0  # torch threads; 0 = torch's default
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when one is visible)
     mixed_precision: str = "no"  # "no" or "bf16" (autocast of the UNet stage's forward pass)
@@ -88,6 +92,22 @@ class PretrainConfig:
             raise ValueError(f"device={self.device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
+        from .world.dataset import CAPTION_VOCABULARIES
+
+        if self.captions not in CAPTION_VOCABULARIES:
+            raise ValueError(f"captions={self.captions!r}: use one of {', '.join(CAPTION_VOCABULARIES)}")
+        self.domains()  # unknown names fail here, before any work
+
+    def domains(self) -> list[str]:
+        """The UNet stage's domains, in order."""
+        from .world.domains import DOMAINS, get_domain
+
+        names = list(DOMAINS) if self.domain == "all" else [d.strip() for d in self.domain.split(",") if d.strip()]
+        if not names:
+            raise ValueError("domain is empty: name a domain, a comma-separated list or 'all'")
+        for d in names:
+            get_domain(d)
+        return names
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -158,18 +178,62 @@ def train_vae(cfg: PretrainConfig, pipe) -> None:
     vae.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def encode_dataset(pipe, domain: str, n: int, seed: int, batch: int = 256) -> tuple[torch.Tensor, list[str]]:
-    """Render n examples, return ([n x 8 x 16 x 16] latent mean+logvar, captions)."""
-    from .world.dataset import examples
+# item seeds of a mixture's renders start here: apart from sources' renders (0...) and held-out ones (10M...)
+MIXTURE_OFFSET = 5_000_000
 
-    exs = examples(domain, n, seed=seed, progress=True)
+
+def render_mixture(domains: list[str], n: int, seed: int, captions: str = "named") -> list:
+    """n examples, item i from domains[i % len(domains)]; one domain with named captions is exactly
+    `world.examples(domain, n, seed)` (the shipped backbone's set)."""
+    from .world.dataset import example, examples, item_seed
+
+    if len(domains) == 1 and captions == "named":
+        return examples(domains[0], n, seed=seed, progress=True)
+    out = []
+    for i in tqdm(range(n), desc=f"render {len(domains)} domains", unit="img"):
+        d = domains[i % len(domains)]
+        out.append(example(d, item_seed(d, MIXTURE_OFFSET + seed, i), captions=captions))
+    return out
+
+
+@torch.no_grad()
+def encode_dataset(pipe, domain: str | list[str], n: int, seed: int, batch: int = 256,
+                   captions: str = "named") -> tuple[torch.Tensor, list[str]]:
+    """Render n examples, return ([n x 8 x 16 x 16] latent mean+logvar, captions)."""
+    exs = render_mixture([domain] if isinstance(domain, str) else domain, n, seed, captions)
     moments = []
     dev = pipe.vae.device
     for i in tqdm(range(0, n, batch), desc="encode latents"):
         x = _to_tensor([e.image for e in exs[i : i + batch]]).to(dev)
         moments.append(pipe.vae.encode(x).latent_dist.parameters.float().cpu())
     return torch.cat(moments), [e.caption for e in exs]
+
+
+def _cache_key(cfg: PretrainConfig) -> dict[str, str]:
+    return {"domains": ",".join(cfg.domains()), "captions": cfg.captions, "n_images": str(cfg.unet.n_images),
+            "seed": str(cfg.unet.seed)}
+
+
+def check_latent_cache(cfg: PretrainConfig) -> None:
+    """Refuse a run whose `out` holds a latent cache built from other data (before any model loads)."""
+    from safetensors import safe_open
+
+    from .config import ConfigError
+
+    path = Path(cfg.out) / "latents.safetensors"
+    if not path.exists():
+        return
+    with safe_open(str(path), "pt") as f:
+        have = f.metadata() or {}
+    # caches written before these keys existed hold the base domain with named captions
+    have = {**{"domains": "base", "captions": "named"}, **have}
+    want = _cache_key(cfg)
+    diff = [k for k in want if k in have and have[k] != want[k]]
+    if diff:
+        raise ConfigError(
+            f"{path} was built for {', '.join(f'{k}={have[k]}' for k in diff)}, this run asks for "
+            f"{', '.join(f'{k}={want[k]}' for k in diff)}; use another `out` or delete the cache"
+        )
 
 
 def _latent_cache(cfg: PretrainConfig, pipe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,12 +244,13 @@ def _latent_cache(cfg: PretrainConfig, pipe) -> tuple[torch.Tensor, torch.Tensor
 
     path = Path(cfg.out) / "latents.safetensors"
     if path.exists():
+        check_latent_cache(cfg)
         t = load_file(str(path))
         return t["moments"], t["input_ids"]
-    moments, captions = encode_dataset(pipe, cfg.domain, cfg.unet.n_images, cfg.unet.seed)
+    moments, captions = encode_dataset(pipe, cfg.domains(), cfg.unet.n_images, cfg.unet.seed, captions=cfg.captions)
     ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
-    save_safetensors(path, {"moments": moments, "input_ids": ids})
+    save_safetensors(path, {"moments": moments, "input_ids": ids}, metadata=_cache_key(cfg))
     return moments, ids
 
 
@@ -300,6 +365,7 @@ def pretrain(cfg: PretrainConfig):
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_latent_cache(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.out) / "config.json", __import__("prompt_cdm.config", fromlist=["to_dict"]).to_dict(cfg))
     pipe = build_tiny(seed=cfg.unet.seed)

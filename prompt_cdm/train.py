@@ -262,12 +262,18 @@ def native_resolution(pipe) -> int:
     return pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
 
 
+# images per VAE-encoder call: 16 at the tiny backbone's 64 px, 4 at 128 px, 1 at SD's 512 px -- the encoder's
+# activations at 512 px are ~0.5 GB per image in float32, and the cache build must not outgrow the training loop
+ENCODE_PIXELS = 16 * 64 * 64
+
+
 @torch.no_grad()
-def encode_latents(pipe, source: Source, resolution: int, batch: int = 16,
+def encode_latents(pipe, source: Source, resolution: int, batch: int | None = None,
                    progress: bool | None = None) -> torch.Tensor:
     """[N x C x h x w] scaled VAE posterior means of every item (the backbone's training input)."""
     from tqdm.auto import tqdm
 
+    batch = batch or max(1, ENCODE_PIXELS // (resolution * resolution))
     vae, out = pipe.vae, []
     device, dtype = vae.device, vae.dtype
     for s in tqdm(range(0, len(source), batch), desc=f"encode {source.id}", disable=_no_bar(progress)):

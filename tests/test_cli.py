@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+from helpers import have_tiny_weights
 
 from prompt_cdm.cli import main
 
@@ -96,6 +98,28 @@ def test_pretrain_warm_start_from_weights(tmp_path):
     assert s1 == s2
     r = _run(*base, "--set", f"out='{tmp_path / 'x'}'", "--set", f"init_from='{tmp_path / 'nothing'}'")
     _one_line_error(r, "init_from")
+
+
+@pytest.mark.skipif(not have_tiny_weights(), reason="shipped tiny weights not present")
+def test_pretrain_wide_recipe_mixes_domains_with_generic_captions(tmp_path):
+    """The wide recipe continues the shipped weights on every domain, captioned in the base vocabulary;
+    its cache refuses a run that asks for other data; its weight folder loads as a backbone as it is."""
+    from safetensors import safe_open
+
+    from prompt_cdm.backbone import load
+
+    out = tmp_path / "wide"
+    args = ["backbone", "pretrain", "recipes/tiny_backbone_wide.toml", "--smoke", "--set", f"out='{out}'"]
+    assert main(args) == 0
+    with safe_open(str(out / "latents.safetensors"), "pt") as f:
+        meta = f.metadata()
+        ids = f.get_tensor("input_ids")
+    assert meta["captions"] == "generic" and meta["domains"].split(",")[0] == "base"
+    assert len(meta["domains"].split(",")) == 9 and ids.shape[0] == 18
+    _one_line_error(_run(*args, "--set", "captions='named'", "--set", "unet.steps=4"), "was built for captions=generic")
+    pipe = load(str(out / "weights"))
+    assert pipe.backbone_fingerprint != load("tiny").backbone_fingerprint
+    assert pipe.unet.config.sample_size == load("tiny").unet.config.sample_size
 
 
 def test_judge_smoke(tmp_path):

@@ -217,6 +217,31 @@ def test_captions_name_background_and_every_object(domain):
         assert again == cap and spec2 == spec
 
 
+@pytest.mark.parametrize("domain", list(DOMAINS))
+def test_generic_captions_use_the_base_vocabulary_only(domain):
+    from prompt_cdm.world.captions import describe_generic
+    from prompt_cdm.world.domains import BASE_COLORS, BASE_SHAPES
+
+    unseen = [w for w in (*SHAPES, *COLOR_NAMES, *BACKGROUNDS, *STYLES)
+              if w not in (*BASE_SHAPES, *BASE_COLORS, "plain", "flat")]
+    for seed in range(60):
+        named = example(domain, seed)
+        ex = example(domain, seed, captions="generic")
+        assert ex.image.tobytes() == named.image.tobytes() and ex.spec.objects == named.spec.objects
+        words = ex.caption.replace(",", " ").split()
+        assert not set(words) & set(unseen), ex.caption
+        for o in ex.spec.objects:
+            shape = o.shape if o.shape in BASE_SHAPES else "shape"
+            want = f"{o.color} {shape}" if o.color in BASE_COLORS else shape
+            assert want in ex.caption, (ex.caption, o)
+        assert ("patterned background" in ex.caption) == (ex.spec.background != "plain")
+        if domain == "base":  # the base vocabulary names all of base: the two captions agree
+            assert ex.caption == named.caption
+        assert describe_generic(ex.spec) == ex.caption  # pure in the spec
+    with pytest.raises(ValueError, match="captions='plain'"):
+        example(domain, 0, captions="plain")
+
+
 # ---------------------------------------------------------------- TIFA questions
 
 

@@ -47,7 +47,7 @@ def describe(spec: Spec, seed: int | None = None, p_position: float = 0.8, p_siz
     for i, o in enumerate(objs):
         size = rng.random() < p_size
         pos = relation is None and rng.random() < p_position
-        words = ([o.size] if size else []) + (["outlined"] if outlined else []) + [o.color, o.shape]
+        words = ([o.size] if size else []) + (["outlined"] if outlined else []) + [w for w in (o.color, o.shape) if w]
         phrase = f"{_article(words[0])} {' '.join(words)}"
         if pos:
             phrase += " " + position_phrase(o.row, o.col)
@@ -80,3 +80,29 @@ def describe(spec: Spec, seed: int | None = None, p_position: float = 0.8, p_siz
     if bg != "plain" and not name_bg:
         return describe(spec, seed=rng.randrange(2**31), p_position=p_position, p_size=p_size)
     return caption, replace(spec, mentions=mentions)
+
+
+# The class word a generic caption uses for what the base vocabulary cannot name (colours and the
+# drawing style it leaves unsaid).
+GENERIC_SHAPE = "shape"
+GENERIC_BACKGROUND = "patterned"
+
+
+def describe_generic(spec: Spec, seed: int | None = None) -> str:
+    """A caption in the base domain's vocabulary only, as a web crawl might caption a new concept.
+
+    A shape outside the base shapes is "a shape", a non-plain background "a patterned background";
+    colours outside the base colours and the outlined style go unsaid. A backbone pretrained on
+    such captions has *seen* every domain's visuals without a word that names them -- Stable
+    Diffusion's position before textual inversion: the concept is in the model, the word is not.
+    """
+    from .domains import BASE_COLORS, BASE_SHAPES
+
+    objects = [
+        replace(o, shape=o.shape if o.shape in BASE_SHAPES else GENERIC_SHAPE,
+                color=o.color if o.color in BASE_COLORS else "")
+        for o in spec.objects
+    ]
+    generic = replace(spec, objects=objects, style="flat", mentions={},
+                      background=spec.background if spec.background == "plain" else GENERIC_BACKGROUND)
+    return describe(generic, seed=spec.seed if seed is None else seed)[0]

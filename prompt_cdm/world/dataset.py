@@ -10,7 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..io import save_image, write_jsonl
-from .captions import describe
+from .captions import describe, describe_generic
 from .domains import get_domain, sample_spec
 from .render import render
 from .spec import Spec
@@ -32,8 +32,17 @@ class Example:
     spec: Spec
 
 
-def example(domain: str, seed: int) -> Example:
+CAPTION_VOCABULARIES = ("named", "generic")
+
+
+def example(domain: str, seed: int, captions: str = "named") -> Example:
+    """One rendered example. `captions="generic"` words it in the base vocabulary only
+    (`captions.describe_generic`); its spec then carries no `mentions` (no TIFA questions)."""
     spec = sample_spec(get_domain(domain), seed)
+    if captions == "generic":
+        return Example(render(spec), describe_generic(spec), spec)
+    if captions != "named":
+        raise ValueError(f"captions={captions!r}: use one of {', '.join(CAPTION_VOCABULARIES)}")
     caption, spec = describe(spec)
     return Example(render(spec), caption, spec)
 
