@@ -155,6 +155,26 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(backbone_dir, data, tmp
     assert log(whole) == log(out)
 
 
+def test_latent_cache_batches_by_pixel_budget(pipe, data, monkeypatch):
+    """16 images per VAE call at 64 px, one at a time at 256 px and above (SD's 512 px would need ~0.5 GB
+    of encoder activations per image); the latents do not depend on the batching."""
+    from prompt_cdm.sources import open_source
+    from prompt_cdm.train import encode_latents
+
+    source = open_source(data)
+    sizes = []
+    real = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: sizes.append(x.shape[0]) or real(x))
+    small = encode_latents(pipe, source, 64, progress=False)
+    assert sizes == [8]  # all 8 items in one call
+    sizes.clear()
+    large = encode_latents(pipe, source, 256, progress=False)
+    assert sizes == [1] * 8 and large.shape[-1] == 4 * small.shape[-1]
+    sizes.clear()
+    one = encode_latents(pipe, source, 64, batch=1, progress=False)
+    assert sizes == [1] * 8 and torch.allclose(one, small, atol=1e-5)
+
+
 def test_batches_cover_each_epoch_and_depend_only_on_the_step():
     n, bs = 10, 4
     stream = torch.cat([batch_indices(n, bs, 0, s) for s in range(5)])  # 20 = two epochs
