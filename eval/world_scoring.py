@@ -58,4 +58,16 @@ def score_world(judge, domain: str, held: list, images: list, n_ref: int = 1000,
     res = tifa.score(recs, answers)
     ref = ref_features if ref_features is not None else reference_features(judge, domain, n_ref, seed)
     res["fid_judge"] = fid.frechet_distance(judge.features(images), ref)
+    res["read"] = drawn(specs)
     return res
+
+
+def drawn(specs: list) -> dict[str, dict[str, int]]:
+    """What the judge reads in the images, counted: backgrounds, styles and object shapes / colours -- which
+    concept an adapter actually draws (e.g. stripes vs any pattern), beside the caption-bound TIFA."""
+    from collections import Counter
+
+    objs = [o for s in specs for o in s.objects]
+    count = lambda xs: dict(sorted(Counter(xs).items()))  # noqa: E731
+    return {"background": count(s.background for s in specs), "style": count(s.style for s in specs),
+            "shape": count(o.shape for o in objs), "color": count(o.color for o in objs)}

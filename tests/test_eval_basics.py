@@ -28,3 +28,25 @@ def test_fid_zero_for_same_and_matches_closed_form():
     expected = (a.mean(0) + 1).square().sum() + torch.trace(torch.cov(a.T))
     assert frechet_distance(a, b) == pytest.approx(float(expected), rel=1e-6)
     assert math.isfinite(frechet_distance(torch.randn(10, 50), torch.randn(12, 50)))
+
+
+def test_score_world_on_the_renders_themselves_reads_what_was_drawn():
+    """Held-out renders scored as if generated: TIFA is the judge's accuracy (1.0 on renders) and `read`
+    counts what is drawn -- every striped render read as striped, every object's shape."""
+    from helpers import have_judge_weights
+
+    if not have_judge_weights():
+        pytest.skip("shipped judge weights not present")
+    from eval.world_scoring import heldout, score_world, shipped_judge
+
+    judge = shipped_judge()
+    held = heldout("striped", 12, seed=3)
+    res = score_world(judge, "striped", held, [e.image for e in held], n_ref=64, seed=3)
+    assert res["score"] > 0.95
+    assert res["read"]["background"] == {"striped": 12}
+    assert res["read"]["style"] == {"flat": 12}
+    shapes = {}
+    for e in held:
+        for o in e.spec.objects:
+            shapes[o.shape] = shapes.get(o.shape, 0) + 1
+    assert res["read"]["shape"] == dict(sorted(shapes.items()))
