@@ -2,6 +2,7 @@
 
     python -m eval.bench.train --steps 150 --threads 2
     python -m eval.bench.train --backbone sd15-shaped --sample-size 16 --steps 10 --batch 2 --n-images 40
+    python -m eval.bench.train --backbone sd15-shaped --sample-size 64 --n-images 6 --steps 8 --batch 1  # SD's 512 px
 
 The cached path is `prompt_cdm.train.train_adapter` itself (VAE latents and, for LoRA, the caption
 embeddings computed once per source; the soft prompt still runs the text encoder on its ids every
