@@ -243,8 +243,7 @@ def _latent_cache(cfg: PretrainConfig, pipe) -> tuple[torch.Tensor, torch.Tensor
     from .io import save_safetensors
 
     path = Path(cfg.out) / "latents.safetensors"
-    if path.exists():
-        check_latent_cache(cfg)
+    if path.exists():  # pretrain() checked that it holds this config's data
         t = load_file(str(path))
         return t["moments"], t["input_ids"]
     moments, captions = encode_dataset(pipe, cfg.domains(), cfg.unet.n_images, cfg.unet.seed, captions=cfg.captions)
