@@ -168,11 +168,18 @@ def _check_pipeline_folder(path: Path) -> None:
         )
 
 
+WEIGHT_PARTS = ("unet", "vae", "text_encoder")
+
+
+def missing_weight_parts(path: Path) -> list[str]:
+    """The parts of a tiny-backbone weight folder (unet/, vae/, text_encoder/ with configs) that `path` lacks."""
+    return [sub for sub in WEIGHT_PARTS if not (path / sub / "config.json").exists()]
+
+
 def is_weight_folder(path: Path) -> bool:
-    """A tiny-backbone weight folder (unet/, vae/, text_encoder/ with configs; no model_index.json),
-    as `backbone pretrain` writes under `out/weights` and the package ships."""
-    return not (path / "model_index.json").exists() and all(
-        (path / sub / "config.json").exists() for sub in ("unet", "vae", "text_encoder"))
+    """A tiny-backbone weight folder (every part, no model_index.json), as `backbone pretrain` writes under
+    `out/weights` and the package ships."""
+    return not (path / "model_index.json").exists() and not missing_weight_parts(path)
 
 
 def _load_tiny(folder: Path = TINY_DIR):

@@ -79,13 +79,13 @@ def cmd_backbone_pretrain(a) -> None:
 def cmd_backbone_install(a) -> None:
     import shutil
 
-    from .backbone import TINY_DIR
+    from .backbone import TINY_DIR, WEIGHT_PARTS, missing_weight_parts
 
     src = Path(a.weights)
-    for sub in ("unet", "vae", "text_encoder"):
-        if not (src / sub / "config.json").exists():
-            raise UsageError(f"{src} is not a tiny-backbone weight folder (no {sub}/config.json)")
-    for sub in ("unet", "vae", "text_encoder"):
+    missing = missing_weight_parts(src)
+    if missing:
+        raise UsageError(f"{src} is not a tiny-backbone weight folder (no {missing[0]}/config.json)")
+    for sub in WEIGHT_PARTS:
         dst = TINY_DIR / sub
         tmp = TINY_DIR / f".{sub}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
