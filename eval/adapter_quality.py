@@ -21,7 +21,8 @@ import torch
 
 def adapter_images(pipe, folder, prompts: list[str], steps: int, guidance: float, seed: int) -> list:
     """Images of one adapter folder on `prompts` (the adapter is removed again afterwards)."""
-    from prompt_cdm.compose import compose_images, load_sources
+    from prompt_cdm.compose.denoiser import compose_images
+    from prompt_cdm.routing.assemble import load_sources
     from prompt_cdm.estimators import get_estimator
 
     sources, loaded = load_sources(pipe, [folder])
@@ -36,9 +37,9 @@ def adapter_images(pipe, folder, prompts: list[str], steps: int, guidance: float
 def evaluate(adapter_roots: dict[str, str], domains: list[str], n: int = 200, steps: int = 25,
              guidance: float = 5.0, seed: int = 0, backbone: str = "tiny", out: str | None = None) -> dict:
     """{domain: {"frozen": metrics, kind: metrics, ...}}; adapter_roots: kind -> folder of <domain>/ adapters."""
-    from prompt_cdm.backbone import load_quietly
-    from prompt_cdm.generate import grid, text_to_image
-    from prompt_cdm.io import save_image, write_json
+    from prompt_cdm.backbone.loading import load_quietly
+    from prompt_cdm.compose.text import grid, text_to_image
+    from prompt_cdm.util.io import save_image, write_json
 
     from .world_scoring import heldout, reference_features, score_world, shipped_judge
 

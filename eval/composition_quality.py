@@ -29,8 +29,8 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
                    router_steps: int = 400, kinds=("classifier", "ratio")):
     """OUT/registry with every domain's adapter, cached latents and the routers of `kinds` (the classifier,
     the ratio heads and their reference set)."""
-    from prompt_cdm.registry import REFERENCE, Registry
-    from prompt_cdm.routers import CACHE_FILE, CAPTION_STATS, TrainConfig, cache_caption_stats, cache_latents, train_router
+    from prompt_cdm.registry.registry import REFERENCE, Registry
+    from prompt_cdm.routing.routers import CACHE_FILE, CAPTION_STATS, TrainConfig, cache_caption_stats, cache_latents, train_router
     from prompt_cdm.world.dataset import render_domain
 
     folder = out / "registry"
@@ -68,10 +68,11 @@ def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: lis
     (fixed one-hot weights) while the named estimator only watches the trajectory: its weights are the
     attribution reported (its evidence on images whose source is known), they never steer the sample.
     uncond: the guidance's unconditional row(s), compose.UNCOND_MODES."""
-    from prompt_cdm.attribution import TraceRecorder
-    from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, make_estimator
+    from prompt_cdm.core.attribution import TraceRecorder
+    from prompt_cdm.compose.denoiser import SPARSE_EPS, SPARSE_WARMUP, compose_images
+    from prompt_cdm.routing.assemble import make_estimator
     from prompt_cdm.estimators import FixedEstimator, WatchedEstimator
-    from prompt_cdm.routers import caption_prior_from_registry
+    from prompt_cdm.routing.routers import caption_prior_from_registry
 
     name, *mods = router.split("+")
     unknown = set(mods) - {"sparse", "sparse0", "prior", "watch"}
@@ -116,11 +117,11 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
     domains: the prompt domains. sources: the registry's source names, one folder each under `adapters`
     and `data` (default: the domains themselves, one source per domain -- then attribution and `own` are
     measured; other sources, e.g. random splits of the data, get quality only)."""
-    from prompt_cdm.backbone import load_quietly
-    from prompt_cdm.compose import load_sources
-    from prompt_cdm.generate import grid
-    from prompt_cdm.io import save_image, write_json
-    from prompt_cdm.plots import plot_traces
+    from prompt_cdm.backbone.loading import load_quietly
+    from prompt_cdm.routing.assemble import load_sources
+    from prompt_cdm.compose.text import grid
+    from prompt_cdm.util.io import save_image, write_json
+    from prompt_cdm.util.plots import plot_traces
     from prompt_cdm.world.domains import SOURCE_DOMAINS
 
     from .adapter_quality import adapter_images
@@ -213,7 +214,7 @@ def plot_attribution(summary: dict, path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from prompt_cdm.io import atomic_path
+    from prompt_cdm.util.io import atomic_path
 
     names = [r for r in summary if "true_credit" in summary[r]]
     if not names:

@@ -94,7 +94,7 @@ class Stages:
     (all but `threads`): a folder holding a run with other settings is refused, not mixed."""
 
     def __init__(self, out: Path, cfg: ExperimentConfig):
-        from prompt_cdm.io import write_json
+        from prompt_cdm.util.io import write_json
 
         self.dir = out / "stages"
         ident = {k: v for k, v in asdict(cfg).items() if k != "threads"}
@@ -107,7 +107,7 @@ class Stages:
         write_json(pin, ident)
 
     def run(self, name: str, fn) -> dict:
-        from prompt_cdm.io import write_json
+        from prompt_cdm.util.io import write_json
 
         path = self.dir / f"{name}.json"
         if path.is_file():
@@ -123,7 +123,7 @@ class Stages:
 
 def write_splits(folders: list[Path], k: int, out: Path, seed: int) -> list[Path]:
     """K uniform random splits of the union of imagefolders, as imagefolders OUT/split_i."""
-    from prompt_cdm.io import write_jsonl
+    from prompt_cdm.util.io import write_jsonl
     from prompt_cdm.world.dataset import read_imagefolder
 
     items = [(f, r) for f in folders for r in read_imagefolder(f)]
@@ -145,7 +145,7 @@ def write_splits(folders: list[Path], k: int, out: Path, seed: int) -> list[Path
 
 def _train_cfg(cfg: ExperimentConfig, steps: int, rank: int = 0):
     """An adapter's training config; rank 0 = cfg.lora_rank."""
-    from prompt_cdm.train import LoraTrain, TrainConfig
+    from prompt_cdm.training.train import LoraTrain, TrainConfig
 
     rank = rank or cfg.lora_rank
     return TrainConfig(kind=cfg.kind, steps=steps, batch_size=cfg.batch_size, resolution=cfg.resolution,
@@ -155,7 +155,7 @@ def _train_cfg(cfg: ExperimentConfig, steps: int, rank: int = 0):
 
 
 def stage_train(cfg: ExperimentConfig, out: Path, data: list[Path], splits: list[Path]) -> dict:
-    from prompt_cdm.train import is_complete, train, train_all
+    from prompt_cdm.training.train import is_complete, train, train_all
 
     res = {}
     if not cfg.domain_adapters:
@@ -177,7 +177,7 @@ def domain_adapters(cfg: ExperimentConfig, out: Path) -> Path:
 
 
 def stage_eval(cfg: ExperimentConfig, out: Path) -> dict:
-    from prompt_cdm.backbone import load_quietly
+    from prompt_cdm.backbone.loading import load_quietly
 
     from . import composition_quality as cq
     from .adapter_quality import adapter_images
@@ -204,9 +204,9 @@ def stage_eval(cfg: ExperimentConfig, out: Path) -> dict:
 
 def stage_forget(cfg: ExperimentConfig, out: Path, train_res: dict, eval_res: dict) -> dict:
     """Forget one domain source in a copy of the evaluated registry; re-evaluate the others (classifier)."""
-    from prompt_cdm.backbone import load_quietly
-    from prompt_cdm.registry import Registry
-    from prompt_cdm.routers import TrainConfig, train_router
+    from prompt_cdm.backbone.loading import load_quietly
+    from prompt_cdm.registry.registry import Registry
+    from prompt_cdm.routing.routers import TrainConfig, train_router
 
     from . import composition_quality as cq
 
@@ -244,8 +244,8 @@ def stage_forget(cfg: ExperimentConfig, out: Path, train_res: dict, eval_res: di
 
 def stage_memorization(cfg: ExperimentConfig, out: Path) -> dict:
     """CDM paper Fig. 4B: a source with duplicated images, its adapter alone vs composed with the other domains."""
-    from prompt_cdm.backbone import load_quietly
-    from prompt_cdm.train import is_complete, train
+    from prompt_cdm.backbone.loading import load_quietly
+    from prompt_cdm.training.train import is_complete, train
 
     from .memorization import copy_rate_experiment, duplicated_source
 
@@ -264,7 +264,7 @@ def stage_memorization(cfg: ExperimentConfig, out: Path) -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, command: str = "") -> Path:
-    from prompt_cdm.train import render_world_sources
+    from prompt_cdm.training.train import render_world_sources
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

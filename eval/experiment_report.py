@@ -69,7 +69,7 @@ def _bars(ev: dict, path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from prompt_cdm.io import atomic_path
+    from prompt_cdm.util.io import atomic_path
 
     labels, fids, tifas = ["paragon"], [ev["paragon"]["fid_judge"]], [ev["paragon"]["score"]]
     for name in ("domains", "splits"):
@@ -100,7 +100,7 @@ def _table(summary: dict) -> str:
 
 
 def write_report(cfg, out: Path, tr: dict, ev: dict, fg: dict, mem: dict, command: str, wall_s: float) -> Path:
-    from prompt_cdm.io import write_json, write_text
+    from prompt_cdm.util.io import write_json, write_text
 
     _bars(ev, out / "systems.png")
     rows = claims(ev, fg, mem)

@@ -140,7 +140,7 @@ def nearest_training(generated, training, tiles: int = TILES, k: int | None = No
 @torch.no_grad()
 def vae_roundtrip(pipe, images) -> list:
     """Images through the backbone's VAE (encode mean, decode): what a perfect copy by this backbone looks like."""
-    from prompt_cdm.generate import decode
+    from prompt_cdm.compose.text import decode
 
     x = to_unit(images) * 2 - 1
     lat = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -155,7 +155,7 @@ def calibrate_world(domain: str = "base", n_train: int = 500, n_query: int = 200
     from prompt_cdm.world.dataset import examples
 
     if pipe is None:
-        from prompt_cdm.backbone import load_quietly
+        from prompt_cdm.backbone.loading import load_quietly
 
         pipe = load_quietly("tiny")
     train = [e.image for e in examples(domain, n_train, seed=seed)]
@@ -202,9 +202,9 @@ def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, es
     noise from torch.Generator(seed)."""
     import copy
 
-    from prompt_cdm.generate import encode_prompts, guided_denoiser
-    from prompt_cdm.mixing import mix
-    from prompt_cdm.sampling import sample
+    from prompt_cdm.compose.text import encode_prompts, guided_denoiser
+    from prompt_cdm.core.mixing import mix
+    from prompt_cdm.core.sampling import sample
 
     if guidance == 1.0:
         raise ValueError("the score needs the unconditional prediction: use a guidance scale other than 1")
@@ -225,7 +225,7 @@ def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, es
             eps_u, eps_c = unet.out.chunk(2)
             return text_noise_norm(eps_c, eps_u)
     else:
-        from prompt_cdm.compose import ComposedDenoiser
+        from prompt_cdm.compose.denoiser import ComposedDenoiser
         from prompt_cdm.estimators import get_estimator
 
         denoise = ComposedDenoiser(pipe, sources, prompts, estimator or get_estimator("uniform"), sched,
@@ -258,7 +258,7 @@ def duplicated_source(domain: str, out: str | Path, n_unique: int = 400, n_dupli
     """An imagefolder of `domain` in which `n_duplicated` images appear `copies` times each (the rest once):
     n_unique + n_duplicated * copies training items. Rows of the duplicated images carry
     `"duplicated": true`; their captions are the prompts of the copy experiment."""
-    from prompt_cdm.io import save_image, write_jsonl
+    from prompt_cdm.util.io import save_image, write_jsonl
     from prompt_cdm.world.dataset import examples
 
     exs = examples(domain, n_unique + n_duplicated, seed=seed)
@@ -280,7 +280,7 @@ def _training_images(folder: str | Path) -> tuple[list, list[dict]]:
 
     from PIL import Image
 
-    from prompt_cdm.io import sha256_file
+    from prompt_cdm.util.io import sha256_file
 
     folder = Path(folder)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
@@ -315,7 +315,8 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
         # prompt-cdm train --source runs/mem/stars_dup --out runs/mem/adapters/stars_dup
         copy_rate_experiment(load_quietly("tiny"), {"stars_dup": "runs/mem/adapters/stars_dup",
                              "striped": ..., "crosses": ...}, "stars_dup", "runs/mem/stars_dup")"""
-    from prompt_cdm.compose import compose_images, load_sources, make_estimator
+    from prompt_cdm.compose.denoiser import compose_images
+    from prompt_cdm.routing.assemble import load_sources, make_estimator
 
     if target not in adapters:
         raise ValueError(f"target {target!r} is not among the adapters {sorted(adapters)}")
@@ -330,8 +331,8 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
         if missing:
             raise ValueError(f"prior_data lacks the training data of {missing}: the caption prior needs every "
                              "composed source's captions")
-        from prompt_cdm.caption_prior import content_ids, prior
-        from prompt_cdm.routers import folder_caption_stats
+        from prompt_cdm.core.caption_prior import content_ids, prior
+        from prompt_cdm.routing.routers import folder_caption_stats
 
         lam = prior([folder_caption_stats(pipe.tokenizer, prior_data[n]) for n in adapters],
                     content_ids(pipe.tokenizer, prompts))
@@ -388,8 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from prompt_cdm.backbone import load_quietly
-    from prompt_cdm.train import LoraTrain, TrainConfig, is_complete, train
+    from prompt_cdm.backbone.loading import load_quietly
+    from prompt_cdm.training.train import LoraTrain, TrainConfig, is_complete, train
 
     out = Path(a.out)
     name = f"{a.domain}_dup"
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     res = copy_rate_experiment(load_quietly("tiny"), {name: adapter, **others}, name, data,
                                n_per_prompt=a.per_prompt, router=a.router, seed=a.seed, uncond=a.uncond,
                                steps=a.sample_steps, wen_first_steps=min(5, a.sample_steps), prior_data=prior_data)
-    from prompt_cdm.io import write_json
+    from prompt_cdm.util.io import write_json
 
     write_json(out / ("copy_experiment_caption_prior.json" if prior_data else "copy_experiment.json"), res)
     print(json.dumps(res, indent=1))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from prompt_cdm.io import read_json
+from prompt_cdm.util.io import read_json
 
 from .errors import EvalError
 
@@ -225,7 +225,7 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
 
 
 def write_outputs(run: TifaRun, out: str | Path) -> tuple[Path, Path, Path]:
-    from prompt_cdm.io import write_json, write_jsonl, write_text
+    from prompt_cdm.util.io import write_json, write_jsonl, write_text
 
     res_p, rows_p, md_p = output_paths(out)
     write_json(res_p, run.result)
@@ -255,14 +255,15 @@ def image_generator(backbone: str = "tiny", adapters: Sequence[str] = (), steps:
     """captions -> images with a backbone alone, or composing adapter folders (uniform weights; one adapter:
     plain diffusers semantics, per-source unconditional row) -- `prompt-cdm generate`'s defaults."""
     def generate(captions: list[str]) -> list:
-        from prompt_cdm.backbone import load_quietly
+        from prompt_cdm.backbone.loading import load_quietly
 
         pipe = load_quietly(backbone)
         if not adapters:
-            from prompt_cdm.generate import text_to_image
+            from prompt_cdm.compose.text import text_to_image
 
             return text_to_image(pipe, captions, steps=steps, guidance_scale=guidance, seed=seed, progress=True)
-        from prompt_cdm.compose import compose_images, load_sources
+        from prompt_cdm.compose.denoiser import compose_images
+        from prompt_cdm.routing.assemble import load_sources
         from prompt_cdm.estimators import get_estimator
 
         sources, _ = load_sources(pipe, list(adapters))
@@ -292,7 +293,7 @@ def run_tifa(questions: str | Path, out: str | Path, backend, *, images: str | P
         made = generate([caps[i] for i in ids]) if ids else []
         loaded = dict(zip(ids, made))
         if save_images is not None:
-            from prompt_cdm.io import save_image
+            from prompt_cdm.util.io import save_image
 
             for i, im in loaded.items():
                 save_image(Path(save_images) / f"{i}.png", im)

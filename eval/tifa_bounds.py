@@ -21,7 +21,7 @@ def noise_images(ids: list[str], out: str | Path, size: int = 64, seed: int = 0)
     import numpy as np
     from PIL import Image
 
-    from prompt_cdm.io import save_image
+    from prompt_cdm.util.io import save_image
 
     rng = np.random.default_rng(seed)
     for i in ids:
@@ -31,7 +31,9 @@ def noise_images(ids: list[str], out: str | Path, size: int = 64, seed: int = 0)
 
 def bounds(domains: list[str], n: int = 200, out: str | Path = "runs/tifa_bounds", seed: int = 0) -> dict:
     """{domain: {"renders": TIFA result, "noise": TIFA result}} with the judge backend; files under `out`."""
-    from prompt_cdm.cli import main as cli
+    from prompt_cdm.util.io import write_json
+    from prompt_cdm.world.dataset import render_domain
+    from prompt_cdm.world.questions import questions_for_folder
 
     from .tifa import caption_ids, load_questions, run_tifa
     from .vqa import get_backend
@@ -40,11 +42,8 @@ def bounds(domains: list[str], n: int = 200, out: str | Path = "runs/tifa_bounds
     results = {}
     for d in domains:
         root = Path(out) / d
-        for cmd in (["world", "render", "--domain", d, "--n", str(n), "--seed", str(seed), "--heldout", "--out",
-                     str(root / "renders")],
-                    ["world", "questions", "--from", str(root / "renders"), "--out", str(root / "questions.json")]):
-            if cli(cmd) != 0:
-                raise RuntimeError(f"prompt-cdm {' '.join(cmd)} failed")
+        render_domain(d, n, root / "renders", seed=seed, heldout=True)
+        write_json(root / "questions.json", questions_for_folder(root / "renders")[0])
         ids = caption_ids(load_questions(root / "questions.json").records)
         noise_images(ids, root / "noise", seed=seed)
         results[d] = {kind: run_tifa(root / "questions.json", root / f"{kind}.json", backend, images=root / kind)
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/tifa_bounds", help="output folder")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from prompt_cdm.io import write_json, write_text
+    from prompt_cdm.util.io import write_json, write_text
 
     res = bounds(a.domains.split(","), a.n, a.out, a.seed)
     table = report(res)

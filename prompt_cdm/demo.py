@@ -143,7 +143,7 @@ class _Stages:
         self.times: dict[str, dict] = {}
 
     def run(self, name: str, fn, cache: bool = True):
-        from .io import write_json
+        from .util.io import write_json
 
         print(f"[demo] {name} ...", flush=True)
         if cache and name in self.done:
@@ -174,7 +174,7 @@ def _final_loss(folder: Path) -> float | None:
 
 def stage_sources(cfg: DemoConfig, out: Path) -> list[dict]:
     """Render each domain and train (or reuse) its LoRA; refuse adapters trained with other settings."""
-    from .train import TrainConfig, render_world_sources, train_all
+    from .training.train import TrainConfig, render_world_sources, train_all
 
     folders = render_world_sources(list(cfg.domains), out, cfg.n_images, seed=cfg.seed)
     # no per-adapter sample grid: samples.png shows the same comparison for every source at once
@@ -194,7 +194,7 @@ def stage_registry(cfg: DemoConfig, out: Path, pipe) -> dict:
     """The registry (OUT/compose/registry) with cached latents, the classifier and the ratio heads."""
     from eval.composition_quality import build_registry
 
-    from .registry import Registry
+    from .registry.registry import Registry
 
     folder = out / "compose" / "registry"
     if (folder / "registry.json").is_file():
@@ -223,10 +223,10 @@ def stage_samples(cfg: DemoConfig, out: Path, pipe) -> dict:
     from eval.composition_quality import compose_cell
     from eval.world_scoring import heldout
 
-    from .compose import load_sources
-    from .generate import grid, text_to_image
-    from .io import save_image, write_text
-    from .registry import Registry
+    from .routing.assemble import load_sources
+    from .compose.text import grid, text_to_image
+    from .util.io import save_image, write_text
+    from .registry.registry import Registry
 
     reg = Registry(out / "compose" / "registry")
     names = list(cfg.domains)
@@ -277,9 +277,9 @@ def stage_ratio_credit(cfg: DemoConfig, out: Path, pipe) -> dict:
     from eval.composition_quality import compose_cell
     from eval.world_scoring import heldout
 
-    from .compose import load_sources
-    from .plots import plot_traces
-    from .registry import Registry
+    from .routing.assemble import load_sources
+    from .util.plots import plot_traces
+    from .registry.registry import Registry
 
     reg = Registry(out / "compose" / "registry")
     names = list(cfg.domains)
@@ -305,10 +305,10 @@ def _compose_figure(pipe, reg, names: list[str], router: str, prompts: list[str]
     """Compose `names` on `prompts`; write STEM.png (the images) and STEM_trace.png; return the credits."""
     from eval.composition_quality import compose_cell
 
-    from .compose import load_sources
-    from .generate import grid
-    from .io import save_image, write_text
-    from .plots import plot_traces
+    from .routing.assemble import load_sources
+    from .compose.text import grid
+    from .util.io import save_image, write_text
+    from .util.plots import plot_traces
 
     sources, loaded = load_sources(pipe, None, reg, names)
     try:
@@ -328,7 +328,7 @@ def stage_policy(cfg: DemoConfig, out: Path, pipe) -> dict:
     """Policy `partner` allows some sources: compose under it; a source outside it is refused."""
     from eval.world_scoring import heldout
 
-    from .registry import Registry, RegistryError
+    from .registry.registry import Registry, RegistryError
 
     reg = Registry(out / "compose" / "registry")
     allowed = reg.set_policy(POLICY, cfg.policy_sources)
@@ -351,9 +351,9 @@ def stage_forget(cfg: DemoConfig, out: Path, pipe) -> dict:
     """Forget `cfg.forget` in OUT/registry_forget (a copy, so a re-run can reuse OUT/compose/registry)."""
     from eval.world_scoring import heldout
 
-    from .compose import make_estimator
-    from .registry import Registry, RegistryError
-    from .routers import TrainConfig, train_router
+    from .routing.assemble import make_estimator
+    from .registry.registry import Registry, RegistryError
+    from .routing.routers import TrainConfig, train_router
 
     name = cfg.forget
     dst = out / "registry_forget"
@@ -489,7 +489,7 @@ def _verdicts(cfg: DemoConfig, res: dict) -> str:
 
 
 def write_report(cfg: DemoConfig, out: Path, res: dict, times: dict, wall: float) -> Path:
-    from .io import write_text
+    from .util.io import write_text
 
     o, names, r, u, gf = cfg.out, list(cfg.domains), cfg.route, cfg.uncond, cfg.generate_flags
     rows = 2 * len(names) if u == "per-source" else len(names) + 1
@@ -679,8 +679,8 @@ def _cpus() -> int:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run (or resume) every stage into cfg.out; return the path of report.md."""
-    from .backbone import info, load_quietly
-    from .io import write_json
+    from .backbone.loading import info, load_quietly
+    from .util.io import write_json
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def random_tiny():
     """The tiny pipeline with random weights (seeded): fast and independent of shipped weights."""
-    from prompt_cdm.backbone import build_tiny, freeze
+    from prompt_cdm.backbone.loading import build_tiny, freeze
 
     return freeze(build_tiny(seed=0))
 
@@ -28,7 +28,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pipe():
     """A fresh random tiny pipeline per test module (tests apply adapters to it and clean up)."""
-    from prompt_cdm.backbone import build_tiny, fingerprint, freeze
+    from prompt_cdm.backbone.loading import build_tiny, fingerprint, freeze
 
     p = freeze(build_tiny(seed=0))
     p.backbone_fingerprint = fingerprint(p)

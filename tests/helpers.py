@@ -2,7 +2,7 @@
 
 
 def have_tiny_weights() -> bool:
-    from prompt_cdm.backbone import TINY_DIR
+    from prompt_cdm.backbone.loading import TINY_DIR
 
     return (TINY_DIR / "unet" / "diffusion_pytorch_model.safetensors").exists()
 

@@ -27,7 +27,7 @@ import torch
 
 
 def _pipe(backbone: str, sample_size: int):
-    from prompt_cdm.backbone import build_sd15_shaped, freeze, load_quietly
+    from prompt_cdm.backbone.loading import build_sd15_shaped, freeze, load_quietly
 
     if backbone == "sd15-shaped":
         pipe = freeze(build_sd15_shaped(seed=0, sample_size=sample_size))
@@ -39,7 +39,7 @@ def _pipe(backbone: str, sample_size: int):
 def _random_loras(pipe, n: int, rank: int = 4) -> list:
     """n LoRA sources with random (non-zero) weights, applied to `pipe`."""
     from prompt_cdm.adapters import LoraAdapter, LoraAdapterConfig, lora
-    from prompt_cdm.compose import Source
+    from prompt_cdm.compose.denoiser import Source
 
     cfg = LoraAdapterConfig(rank=rank, alpha=float(rank))
     out = []
@@ -65,7 +65,7 @@ def _timed(fn, repeats: int) -> float:
 
 def step_costs(pipe, ns: list[int], repeats: int, prompt: str = "a red circle to the left of a blue square") -> list:
     from prompt_cdm.adapters import lora
-    from prompt_cdm.compose import ComposedDenoiser
+    from prompt_cdm.compose.denoiser import ComposedDenoiser
     from prompt_cdm.estimators import get_estimator
 
     sources = _random_loras(pipe, max(ns))
@@ -111,10 +111,11 @@ def image_costs(registry: str, steps: int = 25, seed: int = 0, uncond: str = "pe
     """Seconds per image: one source alone vs every source dense vs sparse (classifier router); with
     caption_prior also dense and sparse-from-the-first-step under the caption prior (each prompt is one
     source domain's held-out caption)."""
-    from prompt_cdm.backbone import load_quietly
-    from prompt_cdm.compose import SPARSE_EPS, SPARSE_WARMUP, compose_images, load_sources, make_estimator
-    from prompt_cdm.registry import Registry
-    from prompt_cdm.routers import caption_prior_from_registry
+    from prompt_cdm.backbone.loading import load_quietly
+    from prompt_cdm.compose.denoiser import SPARSE_EPS, SPARSE_WARMUP, compose_images
+    from prompt_cdm.routing.assemble import load_sources, make_estimator
+    from prompt_cdm.registry.registry import Registry
+    from prompt_cdm.routing.routers import caption_prior_from_registry
     from prompt_cdm.world.dataset import examples
     from prompt_cdm.world.domains import DOMAINS
 

@@ -31,9 +31,9 @@ def build_registry(folder: Path, backbone: str, n_sources: int, rank: int = 4) -
     import torch
 
     from prompt_cdm.adapters import LoraAdapter, LoraAdapterConfig, lora, save_adapter
-    from prompt_cdm.backbone import load_quietly
-    from prompt_cdm.keys import KeyStore
-    from prompt_cdm.registry import Registry
+    from prompt_cdm.backbone.loading import load_quietly
+    from prompt_cdm.serve.keys import KeyStore
+    from prompt_cdm.registry.registry import Registry
 
     pipe = load_quietly(backbone)
     reg = Registry.create(folder / "registry", backbone, pipe.backbone_fingerprint)

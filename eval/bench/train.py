@@ -37,13 +37,13 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def _config(kind: str, steps: int, batch: int):
-    from prompt_cdm.train import TrainConfig
+    from prompt_cdm.training.train import TrainConfig
 
     return TrainConfig(kind=kind, steps=steps, batch_size=batch, checkpoint_every=steps, n_samples=0)
 
 
 def run_cached(pipe, source, kind: str, steps: int, batch: int, work: Path) -> dict:
-    from prompt_cdm.train import train_adapter
+    from prompt_cdm.training.train import train_adapter
 
     t0 = time.time()
     r = train_adapter(source, pipe, _config(kind, steps, batch), work / f"{kind}-cached", progress=False)
@@ -56,7 +56,7 @@ def run_naive(pipe, source, kind: str, steps: int, batch: int) -> dict:
     """diffusers-example style: encode images and captions inside every step."""
     from diffusers import DDPMScheduler
 
-    from prompt_cdm.train import (_Run, _images_tensor, _loss_weights, _token_ids, batch_indices,
+    from prompt_cdm.training.train import (_Run, _images_tensor, _loss_weights, _token_ids, batch_indices,
                                   native_resolution, step_generator)
 
     cfg = _config(kind, steps, batch)
@@ -102,7 +102,7 @@ def run_naive(pipe, source, kind: str, steps: int, batch: int) -> dict:
 
 def worker(a) -> None:
     """One (kind, path) in this process; prints one JSON line."""
-    from prompt_cdm.sources import open_source
+    from prompt_cdm.data.sources import open_source
 
     from .compose import _pipe
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{c['setup_s']:.1f} | {c['peak_mb']:.0f} | {n['peak_mb']:.0f} |")
     print("\n".join(lines))
     if a.out:
-        from prompt_cdm.io import write_json
+        from prompt_cdm.util.io import write_json
 
         write_json(Path(a.out) / "results.json", {"command": cmd, "rows": rows, "speedup": summary})
 

@@ -31,8 +31,8 @@ except ImportError:  # an editable install made before prompt_cdm/__init__.py ex
     from importlib.metadata import version as _version
 
     __version__ = _version("prompt-cdm")
-from ..config import ConfigError, from_dict, to_dict
-from ..io import atomic_path, read_json, replace_dir, save_image, save_safetensors, write_json, write_text
+from ..util.config import ConfigError, from_dict, to_dict
+from ..util.io import atomic_path, read_json, replace_dir, save_image, save_safetensors, write_json, write_text
 from . import card, lora, soft_prompt
 from .errors import AdapterError
 from .lora import LoraAdapter, LoraAdapterConfig
@@ -135,7 +135,7 @@ def backbone_fingerprint(pipe) -> str:
             "fingerprinted; load it with prompt_cdm.backbone.load (or set pipe.backbone_fingerprint = "
             "prompt_cdm.backbone.fingerprint(pipe) before applying adapters)"
         )
-    from ..backbone import fingerprint
+    from ..backbone.loading import fingerprint
 
     return fingerprint(pipe)
 

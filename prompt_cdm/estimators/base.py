@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..mixing import guidance, mix, prior_logits, sparsify
+from ..core.mixing import guidance, mix, prior_logits, sparsify
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..mixing import prior_logits
+from ..core.mixing import prior_logits
 from .base import LogitEstimator
 
 

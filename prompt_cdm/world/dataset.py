@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..io import save_image, write_jsonl
+from ..util.io import save_image, write_jsonl
 from .captions import describe, describe_generic
 from .domains import get_domain, sample_spec
 from .render import render

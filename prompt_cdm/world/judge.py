@@ -129,7 +129,7 @@ class Judge:
         return cls(net)
 
     def save(self, folder: str | Path = JUDGE_DIR) -> None:
-        from ..io import save_safetensors, write_json
+        from ..util.io import save_safetensors, write_json
 
         folder = Path(folder)
         sd = {k: (v.half() if v.is_floating_point() else v) for k, v in self.net.state_dict().items()}

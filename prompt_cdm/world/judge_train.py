@@ -94,7 +94,7 @@ def evaluate(judge: Judge, n_per_domain: int = 300, seed: int = 0, vae=None) -> 
 def _load_vae(name: str):
     """An AutoencoderKL from 'tiny', a pipeline folder (its vae/) or an AutoencoderKL folder."""
     if name == "tiny" or (Path(name) / "model_index.json").exists():
-        from ..backbone import load
+        from ..backbone.loading import load
 
         return load(name).vae
     from diffusers import AutoencoderKL
@@ -107,7 +107,7 @@ def _load_vae(name: str):
 
 
 def train_judge(cfg: JudgeTrainConfig) -> tuple[Judge, dict]:
-    from .. import checkpoint
+    from ..util import checkpoint
 
     torch.manual_seed(cfg.seed)
     net = JudgeNet(cfg.model)

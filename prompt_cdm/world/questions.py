@@ -105,3 +105,19 @@ def questions_for(spec: Spec, caption: str, caption_id: str) -> list[dict]:
     if spec.mentions.get("background"):
         add("what pattern is the background?", BACKGROUNDS, {"op": "background"}, spec.background, "other")
     return recs
+
+
+def questions_for_folder(folder) -> tuple[list[dict], int]:
+    """(TIFA question records of every caption, number of captions) of a rendered imagefolder (its
+    metadata.jsonl rows carry the `spec` that `world render` writes). ValueError names the fix."""
+    from pathlib import Path
+
+    from .dataset import read_imagefolder
+
+    rows = read_imagefolder(folder)
+    recs: list[dict] = []
+    for r in rows:
+        if "spec" not in r:
+            raise ValueError(f"{folder}/metadata.jsonl rows lack `spec`; render the folder with `prompt-cdm world render`")
+        recs += questions_for(r["spec"], r["text"], Path(r["file_name"]).stem)
+    return recs, len(rows)

@@ -1,0 +1,6 @@
+"""`python -m prompt_cdm.cli`."""
+import sys
+
+from . import main
+
+sys.exit(main())
