@@ -21,24 +21,19 @@ import torch
 
 def adapter_images(pipe, folder, prompts: list[str], steps: int, guidance: float, seed: int) -> list:
     """Images of one adapter folder on `prompts` (the adapter is removed again afterwards)."""
-    from prompt_cdm.compose.denoiser import compose_images
-    from prompt_cdm.routing.assemble import load_sources
-    from prompt_cdm.estimators import get_estimator
+    from prompt_cdm.compose.pipeline import CDMPipeline
+    from prompt_cdm.compose.request import ComposeRequest
 
-    sources, loaded = load_sources(pipe, [folder])
-    try:
-        return compose_images(pipe, sources, prompts, get_estimator("uniform"), steps=steps, guidance_scale=guidance,
-                              seed=seed, uncond="per-source", progress=True).images
-    finally:
-        for h in loaded:
-            h.remove()
+    with CDMPipeline(pipe, adapters=[folder]) as cdm:
+        return cdm(ComposeRequest(prompts, steps=steps, guidance=guidance, seed=seed), progress=True).images
 
 
 def evaluate(adapter_roots: dict[str, str], domains: list[str], n: int = 200, steps: int = 25,
              guidance: float = 5.0, seed: int = 0, backbone: str = "tiny", out: str | None = None) -> dict:
     """{domain: {"frozen": metrics, kind: metrics, ...}}; adapter_roots: kind -> folder of <domain>/ adapters."""
     from prompt_cdm.backbone.loading import load_quietly
-    from prompt_cdm.compose.text import grid, text_to_image
+    from prompt_cdm.compose.pipeline import text_to_image
+    from prompt_cdm.util.plots import grid
     from prompt_cdm.util.io import save_image, write_json
 
     from .world_scoring import heldout, reference_features, score_world, shipped_judge

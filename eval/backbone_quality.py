@@ -13,7 +13,7 @@ import torch
 def evaluate_domain(pipe, judge, domain: str, n: int = 200, steps: int = 25, guidance: float = 5.0,
                     seed: int = 0, n_ref: int = 1000):
     """Generate from n held-out captions of `domain`; return (metrics, generated images)."""
-    from prompt_cdm.compose.text import text_to_image
+    from prompt_cdm.compose.pipeline import text_to_image
 
     from .world_scoring import heldout, score_world
 
@@ -30,7 +30,7 @@ def evaluate_domain(pipe, judge, domain: str, n: int = 200, steps: int = 25, gui
 def evaluate_backbone(backbone: str = "tiny", domains: list[str] = ("base",), n: int = 200, steps: int = 25,
                       guidance: float = 5.0, seed: int = 0, out: str | None = None) -> dict:
     from prompt_cdm.backbone.loading import load
-    from prompt_cdm.compose.text import grid
+    from prompt_cdm.util.plots import grid
     from prompt_cdm.util.io import save_image, write_json
     from prompt_cdm.world.judge import Judge
 

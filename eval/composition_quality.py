@@ -25,54 +25,19 @@ import torch
 ROUTERS = ("uniform", "classifier", "ratio", "ito", "classifier+sparse")
 
 
-def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[str], n_ref: int = 500,
-                   router_steps: int = 400, kinds=("classifier", "ratio")):
-    """OUT/registry with every domain's adapter, cached latents and the routers of `kinds` (the classifier,
-    the ratio heads and their reference set)."""
-    from prompt_cdm.registry.registry import REFERENCE, Registry
-    from prompt_cdm.routing.routers import CACHE_FILE, CAPTION_STATS, TrainConfig, cache_caption_stats, cache_latents, train_router
-    from prompt_cdm.world.dataset import render_domain
-
-    folder = out / "registry"
-    reg = Registry(folder) if (folder / "registry.json").is_file() else Registry.create(
-        folder, pipe.backbone_name, pipe.backbone_fingerprint)
-    report = {}
-    for d in domains:
-        if d not in reg.sources:
-            reg.add(d, adapters / d)
-        if not (reg.cache_dir(d) / CACHE_FILE).is_file():
-            cache_latents(reg, d, pipe, data / d)
-        if not (reg.cache_dir(d) / CAPTION_STATS).is_file():  # registries cached before the caption prior
-            cache_caption_stats(reg, d, pipe.tokenizer, data / d)
-    if "ratio" in kinds and not (reg.folder / REFERENCE / CACHE_FILE).is_file():
-        ref = out / "reference_base"
-        if not (ref / "metadata.jsonl").is_file():
-            render_domain("base", n_ref, ref, seed=7)
-        cache_latents(reg, None, pipe, ref)
-    cfg = TrainConfig(steps=router_steps)
-    abar = pipe.scheduler.alphas_cumprod
-    if "classifier" in kinds and ("classifier" not in reg.routers or reg.router("classifier").get("stale")):
-        report["classifier"] = train_router(reg, "classifier", abar, cfg, domains)
-    missing = [d for d in domains if f"ratio-{d}" not in reg.routers] if "ratio" in kinds else []
-    if missing:
-        report["ratio"] = train_router(reg, "ratio", abar, cfg, missing)
-    return reg, report
-
-
-def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: list[str], true_index: int | None,
+def compose_cell(cdm, names: list[str], router: str, prompts: list[str], true_index: int | None,
                  steps: int, guidance: float, seed: int, uncond: str = "shared"):
-    """Images + attribution of composing every source with `router` on one domain's prompts.
-    router: an estimator name with optional modifiers, "+sparse" (sparse routing after compose.SPARSE_WARMUP of
+    """Images + attribution of composing the registry sources `names` of `cdm` (a registry CDMPipeline) with
+    `router` on one domain's prompts.
+    router: an estimator name with optional modifiers, "+sparse" (sparse routing after request.SPARSE_WARMUP of
     the steps), "+sparse0" (sparse routing from the first step) and "+prior" (the caption prior lambda(c),
     caption_prior.py), e.g. "ito+prior+sparse"; "+watch" draws each image with the true source alone
     (fixed one-hot weights) while the named estimator only watches the trajectory: its weights are the
     attribution reported (its evidence on images whose source is known), they never steer the sample.
-    uncond: the guidance's unconditional row(s), compose.UNCOND_MODES."""
+    uncond: the guidance's unconditional row(s), request.UNCOND_MODES."""
+    from prompt_cdm.compose.request import SPARSE_WARMUP, ComposeRequest
     from prompt_cdm.core.attribution import TraceRecorder
-    from prompt_cdm.compose.denoiser import SPARSE_EPS, SPARSE_WARMUP, compose_images
-    from prompt_cdm.routing.assemble import make_estimator
     from prompt_cdm.estimators import FixedEstimator, WatchedEstimator
-    from prompt_cdm.routing.routers import caption_prior_from_registry
 
     name, *mods = router.split("+")
     unknown = set(mods) - {"sparse", "sparse0", "prior", "watch"}
@@ -83,20 +48,22 @@ def compose_cell(pipe, reg, sources, names: list[str], router: str, prompts: lis
     if watch and (len(mods) > 1 or true_index is None):
         raise ValueError(f"router {router!r}: +watch needs prompts of a known source and no other modifier (the "
                          "drawing source is fixed; sparse routing would drop the rows the watcher reads)")
-    sparse = "sparse" in mods or "sparse0" in mods
-    warmup = SPARSE_WARMUP if "sparse" in mods else 0.0
-    prompt_prior = caption_prior_from_registry(reg, names, prompts, pipe.tokenizer) if "prior" in mods else None
-    est, ctx = make_estimator(name, names, scheduler=pipe.scheduler, registry=reg)
-    if watch:
-        est = WatchedEstimator(FixedEstimator([float(i == true_index) for i in range(len(names))]), est)
-    res = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed, uncond=uncond,
-                         sparse_eps=SPARSE_EPS if sparse else 0.0, warmup_frac=warmup, router_context=ctx,
-                         prompt_prior=prompt_prior, progress=True)
+    request = ComposeRequest(prompts, sources=names, estimator=name, caption_prior=1.0 if "prior" in mods else None,
+                             sparse="sparse" in mods or "sparse0" in mods,
+                             sparse_warmup=SPARSE_WARMUP if "sparse" in mods else 0.0, uncond=uncond, steps=steps,
+                             guidance=guidance, seed=seed)
+    watched_by = []
+
+    def watched(est):
+        watched_by.append(WatchedEstimator(FixedEstimator([float(i == true_index) for i in range(len(names))]), est))
+        return watched_by[-1]
+
+    res = cdm(request, progress=True, estimator_hook=watched if watch else None)
     if watch:  # the traces and credit are the watcher's weights, on the same steps
         watched = []
         for k, rec in enumerate(res.traces):
             w = TraceRecorder()
-            for step, t, weights in zip(rec.steps, rec.timesteps, est.watched_trace(k)):
+            for step, t, weights in zip(rec.steps, rec.timesteps, watched_by[0].watched_trace(k)):
                 w(step, t, weights)
             watched.append(w)
         res.traces = watched
@@ -118,8 +85,9 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
     and `data` (default: the domains themselves, one source per domain -- then attribution and `own` are
     measured; other sources, e.g. random splits of the data, get quality only)."""
     from prompt_cdm.backbone.loading import load_quietly
-    from prompt_cdm.routing.assemble import load_sources
-    from prompt_cdm.compose.text import grid
+    from prompt_cdm.compose.pipeline import CDMPipeline
+    from prompt_cdm.routing.build import build_registry
+    from prompt_cdm.util.plots import grid
     from prompt_cdm.util.io import save_image, write_json
     from prompt_cdm.util.plots import plot_traces
     from prompt_cdm.world.domains import SOURCE_DOMAINS
@@ -163,8 +131,7 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
         cells[key] = dict(score_world(judge, d, held[d], images, ref_features=ref(d)), seconds=time.time() - t0)
         write_json(res_path, results)
 
-    composed, loaded = load_sources(pipe, None, reg, names)
-    try:
+    with CDMPipeline(pipe, registry=reg) as cdm:
         for router in routers:
             shown, traces = [], []
             for i, d in enumerate(domains):
@@ -172,7 +139,7 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
                 if key in cells:
                     continue
                 t0 = time.time()
-                res, attribution = compose_cell(pipe, reg, composed, names, router, [e.caption for e in held[d]],
+                res, attribution = compose_cell(cdm, names, router, [e.caption for e in held[d]],
                                                 i if per_domain else None, steps, guidance, seed, uncond)
                 cells[key] = dict(score_world(judge, d, held[d], res.images, ref_features=ref(d)), **attribution,
                                   seconds=time.time() - t0)
@@ -185,9 +152,6 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
                 save_image(out_p / f"samples_{router}.png", grid(shown, cols=8, scale=3))
             if traces:
                 plot_traces(traces[:8], out_p / f"trace_{router}.png")
-    finally:
-        for h in reversed(loaded):
-            h.remove()
     results["summary"] = summarize(cells, domains, routers)
     write_json(res_path, results)
     plot_attribution(results["summary"], out_p / "attribution.png")

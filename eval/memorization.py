@@ -172,21 +172,6 @@ class _Stop(Exception):
     """Ends the sampling loop after the first steps (raised from its per-step callback)."""
 
 
-class _RecordingUNet:
-    """Wraps a UNet so the guided denoiser's last [uncond; cond] output can be read back."""
-
-    def __init__(self, unet):
-        self.unet, self.out = unet, None
-
-    def __getattr__(self, name):
-        return getattr(self.unet, name)
-
-    def __call__(self, *args, **kwargs):
-        r = self.unet(*args, **kwargs)
-        self.out = r.sample
-        return r
-
-
 @torch.no_grad()
 def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, estimator=None, *, steps: int = 25,
                first_steps: int = 5, guidance: float = 7.5, seed: int = 0, uncond: str | None = None,
@@ -194,7 +179,7 @@ def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, es
     """[N] Wen et al.'s score per prompt: the mean over the first `first_steps` of `steps` sampling steps of
     ||eps(x_t, c) - eps(x_t, empty)||_2, on the trajectory the sampler actually takes (guidance `guidance`).
 
-    sources=None: the backbone alone (`generate.guided_denoiser`). Otherwise the composition of `sources`
+    sources=None: the backbone alone (`Source.plain()`, the n = 1 composition). Otherwise the composition of `sources`
     (`compose.Source`s already applied to `pipe`) with `estimator` (default uniform); its conditional
     prediction is the mixed sum_i w_i eps_i(c) and its unconditional one the shared row (or the
     weight-mixed per-source rows). uncond: default per-source for one source (= plain diffusers with that
@@ -202,7 +187,7 @@ def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, es
     noise from torch.Generator(seed)."""
     import copy
 
-    from prompt_cdm.compose.text import encode_prompts, guided_denoiser
+    from prompt_cdm.compose.request import default_uncond
     from prompt_cdm.core.mixing import mix
     from prompt_cdm.core.sampling import sample
 
@@ -216,29 +201,22 @@ def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, es
     c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     noise = torch.randn(len(prompts), c, size, size, generator=gen)
     norms: list[torch.Tensor] = []
-    if sources is None:
-        unet = _RecordingUNet(pipe.unet)
-        cond = encode_prompts(pipe, prompts)
-        denoise = guided_denoiser(unet, cond, encode_prompts(pipe, [""]).expand(len(prompts), -1, -1), guidance)
+    from prompt_cdm.compose.denoiser import ComposedDenoiser, Source
+    from prompt_cdm.estimators import get_estimator
 
-        def read():
-            eps_u, eps_c = unet.out.chunk(2)
-            return text_noise_norm(eps_c, eps_u)
-    else:
-        from prompt_cdm.compose.denoiser import ComposedDenoiser
-        from prompt_cdm.estimators import get_estimator
+    sources = [Source.plain()] if sources is None else list(sources)
+    denoise = ComposedDenoiser(pipe, sources, prompts, estimator or get_estimator("uniform"), sched,
+                               guidance_scale=guidance, prompt_prior=prompt_prior,
+                               uncond=uncond or default_uncond(len(sources)))
 
-        denoise = ComposedDenoiser(pipe, sources, prompts, estimator or get_estimator("uniform"), sched,
-                                   guidance_scale=guidance, prompt_prior=prompt_prior,
-                                   uncond=uncond or ("per-source" if len(sources) == 1 else "shared"))
-
-        def read():
-            rec = denoise.last
-            w = rec.out.weights
-            eps_u = rec.eps_uncond if rec.eps_uncond.dim() < rec.eps_rows.dim() else mix(rec.eps_uncond, w)
-            return text_noise_norm(mix(rec.eps_rows, w), eps_u)
+    def read():
+        rec = denoise.last
+        w = rec.out.weights
+        eps_u = rec.eps_uncond if rec.eps_uncond.dim() < rec.eps_rows.dim() else mix(rec.eps_uncond, w)
+        return text_noise_norm(mix(rec.eps_rows, w), eps_u)
 
     def callback(i, t, x):
+        denoise.on_step(i, t, x)
         norms.append(read())
         if len(norms) >= first_steps:
             raise _Stop
@@ -315,8 +293,8 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
         # prompt-cdm train --source runs/mem/stars_dup --out runs/mem/adapters/stars_dup
         copy_rate_experiment(load_quietly("tiny"), {"stars_dup": "runs/mem/adapters/stars_dup",
                              "striped": ..., "crosses": ...}, "stars_dup", "runs/mem/stars_dup")"""
-    from prompt_cdm.compose.denoiser import compose_images
-    from prompt_cdm.routing.assemble import load_sources, make_estimator
+    from prompt_cdm.compose.pipeline import CDMPipeline
+    from prompt_cdm.compose.request import ComposeRequest
 
     if target not in adapters:
         raise ValueError(f"target {target!r} is not among the adapters {sorted(adapters)}")
@@ -325,17 +303,15 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     out = {"target": target, "threshold": threshold, "n_generations": len(prompts), "n_training": len(train),
            "router": router, "uncond": uncond, "caption_prior": prior_data is not None}
-    lam = None
+    stats = None
     if prior_data is not None:
         missing = sorted(set(adapters) - set(prior_data))
         if missing:
             raise ValueError(f"prior_data lacks the training data of {missing}: the caption prior needs every "
                              "composed source's captions")
-        from prompt_cdm.core.caption_prior import content_ids, prior
         from prompt_cdm.routing.routers import folder_caption_stats
 
-        lam = prior([folder_caption_stats(pipe.tokenizer, prior_data[n]) for n in adapters],
-                    content_ids(pipe.tokenizer, prompts))
+        stats = [folder_caption_stats(pipe.tokenizer, prior_data[n]) for n in adapters]
     domain = rows[0].get("spec", {}).get("domain") if isinstance(rows[0].get("spec"), dict) else None
     if domain:  # the rate of a model that never copies: held-out renders of the same domain
         from prompt_cdm.world.dataset import examples
@@ -343,18 +319,15 @@ def copy_rate_experiment(pipe, adapters: dict[str, str | Path], target: str, tra
         held = [e.image for e in examples(domain, n_floor, seed=seed, heldout=True)]
         out["heldout_floor"] = copy_rate(nearest_training(held, train)["scores"], threshold)
     for setting, names in (("alone", [target]), ("composed", list(adapters))):
-        sources, loaded = load_sources(pipe, [adapters[n] for n in names])
-        try:
-            est, ctx = make_estimator(router if len(names) > 1 else "uniform", [s.name for s in sources])
-            mode = "per-source" if len(names) == 1 else uncond
-            pp = lam if len(names) > 1 else None
-            images = compose_images(pipe, sources, prompts, est, steps=steps, guidance_scale=guidance, seed=seed,
-                                    uncond=mode, router_context=ctx, prompt_prior=pp).images
-            wen = wen_scores(pipe, prompts, sources, est, steps=steps, first_steps=wen_first_steps,
-                             guidance=guidance, seed=seed, uncond=mode, prompt_prior=pp)
-        finally:
-            for h in loaded:
-                h.remove()
+        composed = len(names) > 1
+        with CDMPipeline(pipe, adapters=[adapters[n] for n in names], caption_stats=stats if composed else None) as cdm:
+            request = ComposeRequest(prompts, estimator=router if composed else "uniform", uncond=uncond if composed
+                                     else "per-source", caption_prior=1.0 if composed and stats else None, steps=steps,
+                                     guidance=guidance, seed=seed)
+            plan = cdm.plan(request)
+            images = cdm.run(plan).images
+            wen = wen_scores(pipe, prompts, plan.sources, plan.estimator, steps=steps, first_steps=wen_first_steps,
+                             guidance=guidance, seed=seed, uncond=plan.uncond, prompt_prior=plan.prompt_prior)
         near = nearest_training(images, train)
         out[setting] = {"sources": names, "copy_rate": copy_rate(near["scores"], threshold),
                         "mean_nearest_distance": float(near["distance"].mean()), "wen_mean": float(wen.mean())}

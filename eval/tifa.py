@@ -256,20 +256,12 @@ def image_generator(backbone: str = "tiny", adapters: Sequence[str] = (), steps:
     plain diffusers semantics, per-source unconditional row) -- `prompt-cdm generate`'s defaults."""
     def generate(captions: list[str]) -> list:
         from prompt_cdm.backbone.loading import load_quietly
+        from prompt_cdm.compose.pipeline import CDMPipeline
+        from prompt_cdm.compose.request import ComposeRequest
 
-        pipe = load_quietly(backbone)
-        if not adapters:
-            from prompt_cdm.compose.text import text_to_image
-
-            return text_to_image(pipe, captions, steps=steps, guidance_scale=guidance, seed=seed, progress=True)
-        from prompt_cdm.compose.denoiser import compose_images
-        from prompt_cdm.routing.assemble import load_sources
-        from prompt_cdm.estimators import get_estimator
-
-        sources, _ = load_sources(pipe, list(adapters))
-        return compose_images(pipe, sources, captions, get_estimator("uniform"), steps=steps,
-                              guidance_scale=guidance, seed=seed, progress=True,
-                              uncond="per-source" if len(sources) == 1 else "shared").images
+        # the backbone alone draws noise per 64 prompts (text_to_image's batch), compositions per 16
+        req = ComposeRequest(captions, steps=steps, guidance=guidance, seed=seed, batch_size=16 if adapters else 64)
+        return CDMPipeline(load_quietly(backbone), adapters=list(adapters))(req, progress=True).images
 
     return generate
 

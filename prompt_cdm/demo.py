@@ -7,7 +7,7 @@ adapters, the registry and its routers, evaluated cells, finished stages):
  1. sources   render each source domain (OUT/data/<d>) and train its LoRA on the frozen tiny backbone
               (OUT/adapters/<d>; `train.train_all`: complete adapters are reused, unfinished ones resumed)
  2. registry  the service: a registry of the adapters with cached latents, the paper's n-way classifier
-              router and our per-source ratio heads (`eval.composition_quality.build_registry`; OUT/compose/)
+              router and our per-source ratio heads (`routing.build.build_registry`; OUT/compose/)
  3. samples   one picture: held-out captions of every domain -- the true render, the frozen backbone,
               each source alone, the composition of all sources
  4. quality   judge-TIFA and FID per domain: frozen backbone / the source's own adapter / the composition
@@ -192,9 +192,8 @@ def stage_sources(cfg: DemoConfig, out: Path) -> list[dict]:
 
 def stage_registry(cfg: DemoConfig, out: Path, pipe) -> dict:
     """The registry (OUT/compose/registry) with cached latents, the classifier and the ratio heads."""
-    from eval.composition_quality import build_registry
-
     from .registry.registry import Registry
+    from .routing.build import build_registry
 
     folder = out / "compose" / "registry"
     if (folder / "registry.json").is_file():
@@ -223,10 +222,10 @@ def stage_samples(cfg: DemoConfig, out: Path, pipe) -> dict:
     from eval.composition_quality import compose_cell
     from eval.world_scoring import heldout
 
-    from .routing.assemble import load_sources
-    from .compose.text import grid, text_to_image
-    from .util.io import save_image, write_text
+    from .compose.pipeline import CDMPipeline, text_to_image
     from .registry.registry import Registry
+    from .util.io import save_image, write_text
+    from .util.plots import grid
 
     reg = Registry(out / "compose" / "registry")
     names = list(cfg.domains)
@@ -238,12 +237,8 @@ def stage_samples(cfg: DemoConfig, out: Path, pipe) -> dict:
                                               seed=cfg.seed, batch_size=16, progress=True))]
     for s in names:
         rows.append((f"{s} alone", adapter_images(pipe, reg.adapter_dir(s), prompts, **kw)))
-    sources, loaded = load_sources(pipe, None, reg, names)
-    try:
-        res, _ = compose_cell(pipe, reg, sources, names, cfg.route, prompts, None, **kw, uncond=cfg.uncond)
-    finally:
-        for h in reversed(loaded):
-            h.remove()
+    with CDMPipeline(pipe, registry=reg) as cdm:
+        res, _ = compose_cell(cdm, names, cfg.route, prompts, None, **kw, uncond=cfg.uncond)
     rows.append((f"composition ({cfg.route})", res.images))
     save_image(out / "samples.png", grid([im for _, ims in rows for im in ims], cols=len(prompts), scale=3))
     write_text(out / "samples_prompts.txt", "\n".join(prompts) + "\n")
@@ -277,25 +272,21 @@ def stage_ratio_credit(cfg: DemoConfig, out: Path, pipe) -> dict:
     from eval.composition_quality import compose_cell
     from eval.world_scoring import heldout
 
-    from .routing.assemble import load_sources
-    from .util.plots import plot_traces
+    from .compose.pipeline import CDMPipeline
     from .registry.registry import Registry
+    from .util.plots import plot_traces
 
     reg = Registry(out / "compose" / "registry")
     names = list(cfg.domains)
-    sources, loaded = load_sources(pipe, None, reg, names)
     credit, traces = {}, []
-    try:
+    with CDMPipeline(pipe, registry=reg) as cdm:
         for i, d in enumerate(names):
             held = heldout(d, cfg.n, cfg.seed)[:RATIO_CREDIT_N]
-            res, att = compose_cell(pipe, reg, sources, names, "ratio", [e.caption for e in held], i, cfg.steps,
-                                    cfg.guidance, cfg.seed, cfg.uncond)
+            res, att = compose_cell(cdm, names, "ratio", [e.caption for e in held], i, cfg.steps, cfg.guidance,
+                                    cfg.seed, cfg.uncond)
             credit[d] = att
             traces += [dict(res.trace_json(names, k), prompt=f"[{d}] {held[k].caption}")
                        for k in range(min(SHOWN_PER_DOMAIN, len(held)))]
-    finally:
-        for h in reversed(loaded):
-            h.remove()
     plot_traces(traces, out / "compose" / "trace_ratio.png")
     return credit
 
@@ -305,18 +296,12 @@ def _compose_figure(pipe, reg, names: list[str], router: str, prompts: list[str]
     """Compose `names` on `prompts`; write STEM.png (the images) and STEM_trace.png; return the credits."""
     from eval.composition_quality import compose_cell
 
-    from .routing.assemble import load_sources
-    from .compose.text import grid
+    from .compose.pipeline import CDMPipeline
     from .util.io import save_image, write_text
-    from .util.plots import plot_traces
+    from .util.plots import grid, plot_traces
 
-    sources, loaded = load_sources(pipe, None, reg, names)
-    try:
-        res, _ = compose_cell(pipe, reg, sources, names, router, prompts, None, cfg.steps, cfg.guidance, cfg.seed,
-                              cfg.uncond)
-    finally:
-        for h in reversed(loaded):
-            h.remove()
+    with CDMPipeline(pipe, registry=reg) as cdm:
+        res, _ = compose_cell(cdm, names, router, prompts, None, cfg.steps, cfg.guidance, cfg.seed, cfg.uncond)
     save_image(stem.with_suffix(".png"), grid(res.images, cols=len(prompts), scale=3))
     write_text(stem.with_name(stem.name + "_prompts.txt"), "\n".join(prompts) + "\n")
     traces = [dict(res.trace_json(names, k), prompt=f"[{labels[k]}] {p}") for k, p in enumerate(prompts)]
@@ -351,7 +336,6 @@ def stage_forget(cfg: DemoConfig, out: Path, pipe) -> dict:
     """Forget `cfg.forget` in OUT/registry_forget (a copy, so a re-run can reuse OUT/compose/registry)."""
     from eval.world_scoring import heldout
 
-    from .routing.assemble import make_estimator
     from .registry.registry import Registry, RegistryError
     from .routing.routers import TrainConfig, train_router
 
@@ -373,7 +357,7 @@ def stage_forget(cfg: DemoConfig, out: Path, pipe) -> dict:
         refusals["generate"] = str(e)
     rest = reg.sources
     try:
-        make_estimator("classifier", rest, scheduler=pipe.scheduler, registry=reg)
+        reg.heads("classifier", rest)
     except RegistryError as e:
         refusals["classifier"] = str(e)
     retrain_s = None

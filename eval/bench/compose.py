@@ -112,10 +112,9 @@ def image_costs(registry: str, steps: int = 25, seed: int = 0, uncond: str = "pe
     caption_prior also dense and sparse-from-the-first-step under the caption prior (each prompt is one
     source domain's held-out caption)."""
     from prompt_cdm.backbone.loading import load_quietly
-    from prompt_cdm.compose.denoiser import SPARSE_EPS, SPARSE_WARMUP, compose_images
-    from prompt_cdm.routing.assemble import load_sources, make_estimator
+    from prompt_cdm.compose.pipeline import CDMPipeline
+    from prompt_cdm.compose.request import SPARSE_WARMUP, ComposeRequest
     from prompt_cdm.registry.registry import Registry
-    from prompt_cdm.routing.routers import caption_prior_from_registry
     from prompt_cdm.world.dataset import examples
     from prompt_cdm.world.domains import DOMAINS
 
@@ -124,32 +123,30 @@ def image_costs(registry: str, steps: int = 25, seed: int = 0, uncond: str = "pe
     pipe = load_quietly(reg.backbone["name"])
     prompts = [examples(d, 1, seed=seed + 3, heldout=True)[0].caption if d in DOMAINS else "a red circle"
                for d in names]
-    sources, loaded = load_sources(pipe, None, reg, names)
+    cdm = CDMPipeline(pipe, registry=reg)
+    cdm.apply(names)
     try:
-        def run(srcs, router, uncond, sparse, prior=None, warmup=SPARSE_WARMUP):
-            est, ctx = make_estimator(router, [s.name for s in srcs], scheduler=pipe.scheduler, registry=reg)
-            t0 = time.perf_counter()
-            res = compose_images(pipe, srcs, prompts, est, steps=steps, seed=seed, uncond=uncond, batch_size=1,
-                                 sparse_eps=SPARSE_EPS if sparse else 0.0,
-                                 warmup_frac=warmup if sparse else 0.0, router_context=ctx,
-                                 prompt_prior=prior, output_type="latent")
+        def run(srcs, router, uncond, sparse, prior=False, warmup=SPARSE_WARMUP):
+            plan = cdm.plan(ComposeRequest(prompts, sources=srcs, estimator=router, uncond=uncond, sparse=sparse,
+                                           sparse_warmup=warmup, caption_prior=1.0 if prior else None, steps=steps,
+                                           seed=seed, batch_size=1))
+            t0 = time.perf_counter()  # the composition itself (its heads and prior are read before)
+            res = cdm.run(plan, output_type="latent")
             rows = sum(sum(r) for r in res.rows_per_step) / len(prompts)
             return (time.perf_counter() - t0) / len(prompts), rows
 
-        single = run(sources[:1], "uniform", "per-source", False)
+        single = run(names[:1], "uniform", "per-source", False)
         router = "classifier" if "classifier" in reg.routers else "ito"
-        dense = run(sources, router, uncond, False)
-        sparse = run(sources, router, uncond, True)
+        dense = run(names, router, uncond, False)
+        sparse = run(names, router, uncond, True)
         prior_cols = {}
         if caption_prior:  # the caption prior decides the weights from the first step: sparse without warm-up
-            lam = caption_prior_from_registry(reg, names, prompts, pipe.tokenizer)
-            pd = run(sources, router, uncond, False, prior=lam)
-            ps = run(sources, router, uncond, True, prior=lam, warmup=0.0)
+            pd = run(names, router, uncond, False, prior=True)
+            ps = run(names, router, uncond, True, prior=True, warmup=0.0)
             prior_cols = {"prior_dense_s": pd[0], "prior_sparse0_s": ps[0], "prior_dense_rows": pd[1],
                           "prior_sparse0_rows": ps[1], "prior_sparse0_over_single": ps[0] / single[0]}
     finally:
-        for h in reversed(loaded):
-            h.remove()
+        cdm.close()
     return {"n": len(names), "router": router, "uncond": uncond, "single_s": single[0], "dense_s": dense[0], "sparse_s": sparse[0],
             "single_rows": single[1], "dense_rows": dense[1], "sparse_rows": sparse[1],
             "sparse_over_single": sparse[0] / single[0], "dense_over_single": dense[0] / single[0], **prior_cols}

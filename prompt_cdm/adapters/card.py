@@ -56,7 +56,7 @@ def render(config, figures: dict[str, Any] | None, license: str, samples_file: s
         "## Use\n",
         "With prompt_cdm (the backbone fingerprint is checked):\n",
         "```python\nfrom prompt_cdm.adapters import load_adapter\nfrom prompt_cdm.backbone import load\n"
-        "from prompt_cdm.generate import text_to_image\n\n"
+        "from prompt_cdm.compose.pipeline import text_to_image\n\n"
         f'pipe = load("{config.base_model}")\nhandle = load_adapter("{folder_name}", pipe)\n'
         f"prompt = {ours_prompt}\nimages = text_to_image(pipe, [prompt])\n```\n",
         "With plain diffusers:\n",

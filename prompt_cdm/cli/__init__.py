@@ -281,29 +281,29 @@ def _read_prompts(a) -> list[str]:
     return prompts
 
 
-def cmd_generate(a) -> None:
-    from ..compose.denoiser import SPARSE_EPS, SPARSE_WARMUP, UNCOND_MODES, compose_images, make_scheduler, parse_weights
-    from ..routing.assemble import load_sources, make_estimator
-    from ..estimators import ESTIMATORS
-    from ..compose.text import grid
-    from ..util.io import save_image, write_json
-    from ..registry.registry import Registry
+def generate_request(a):
+    """The composition request of `prompt-cdm generate`'s flags (validated before any model loads)."""
+    from ..compose.request import SPARSE_WARMUP, ComposeRequest, parse_lambdas
 
     prompts = _read_prompts(a)
-    if a.router not in ESTIMATORS:
-        raise UsageError(f"unknown router {a.router!r}; valid: {', '.join(sorted(ESTIMATORS))}")
-    if a.uncond is not None and a.uncond not in UNCOND_MODES:
-        raise UsageError(f"--uncond must be one of {', '.join(UNCOND_MODES)}, got {a.uncond!r}")
+    return ComposeRequest(prompts, sources=a.sources.split(",") if a.sources else None, policy=a.policy,
+                          estimator=a.router, lambdas=parse_lambdas(a.weights),
+                          caption_prior=a.caption_prior_strength if a.caption_prior else None, sparse=a.sparse,
+                          sparse_warmup=SPARSE_WARMUP if a.sparse_warmup is None else a.sparse_warmup,
+                          uncond=a.uncond, steps=a.steps, guidance=a.guidance, seed=a.seed, scheduler=a.scheduler)
+
+
+def cmd_generate(a) -> None:
+    from ..compose.pipeline import CDMPipeline
+    from ..registry.registry import Registry
+    from ..util.io import save_image, write_json
+    from ..util.plots import grid
+
+    request = generate_request(a)
     if bool(a.adapter) == bool(a.registry):
         raise UsageError("give --adapter DIR (repeatable) or --registry DIR, not both")
-    if a.caption_prior and not a.registry:
+    if request.caption_prior is not None and not a.registry:
         raise UsageError("--caption-prior reads each source's caption statistics from a registry: pass --registry DIR")
-    if a.sparse_warmup is None:
-        a.sparse_warmup = SPARSE_WARMUP
-    elif not 0.0 <= a.sparse_warmup <= 1.0:
-        raise UsageError(f"--sparse-warmup must be in [0, 1], got {a.sparse_warmup}")
-    if a.caption_prior_strength < 0:
-        raise UsageError(f"--caption-prior-strength must be >= 0, got {a.caption_prior_strength}")
     trace_png = Path(a.trace).with_suffix(".png") if a.trace else None
     if trace_png is not None and trace_png == Path(a.trace):
         raise UsageError(f"--trace {a.trace}: give a .json path (the plot goes beside it as .png)")
@@ -311,34 +311,19 @@ def cmd_generate(a) -> None:
         raise UsageError(f"--trace {a.trace} would write its plot to {trace_png}, which is --out; give the trace "
                          "another name (e.g. trace.json)")
     reg = Registry(a.registry) if a.registry else None
-    names = None
     if reg is not None:
-        names = reg.resolve(a.sources.split(",") if a.sources else None, a.policy)
-    elif a.sources or a.policy:
+        reg.resolve(request.sources, request.policy)  # unknown sources and policies, before the backbone loads
+    elif request.sources or request.policy:
         raise UsageError("--sources and --policy select from a registry: pass --registry DIR")
     pipe = _load_backbone_quietly(a.backbone or (reg.backbone["name"] if reg else "tiny"))
-    sched = make_scheduler(pipe, a.scheduler)
-    sources, _ = load_sources(pipe, a.adapter, reg, names)
-    src_names = [s.name for s in sources]
-    est, ctx = make_estimator(a.router, src_names, parse_weights(a.weights, src_names), scheduler=sched,
-                              registry=reg)
-    uncond = a.uncond or ("per-source" if len(sources) == 1 else "shared")
-    prompt_prior = None
-    if a.caption_prior:
-        from ..routing.routers import caption_prior_from_registry
-
-        prompt_prior = caption_prior_from_registry(reg, src_names, prompts, pipe.tokenizer, a.caption_prior_strength)
-    res = compose_images(pipe, sources, prompts, est, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
-                         scheduler=sched, uncond=uncond, sparse_eps=SPARSE_EPS if a.sparse else 0.0,
-                         warmup_frac=a.sparse_warmup if a.sparse else 0.0, router_context=ctx,
-                         prompt_prior=prompt_prior)
+    res = CDMPipeline(pipe, registry=reg, adapters=a.adapter)(request)
     images = res.images
     save_image(a.out, images[0] if len(images) == 1 else grid(images, cols=min(8, len(images))))
-    print(f"{len(images)} image(s) from {', '.join(src_names)} ({a.router}, uncond {uncond}) -> {a.out}")
+    print(f"{len(images)} image(s) from {', '.join(res.sources)} ({request.estimator}, uncond {res.uncond}) -> {a.out}")
     if a.trace:
         from ..util.plots import plot_traces
 
-        traces = [dict(res.trace_json(src_names, k), prompt=p) for k, p in enumerate(prompts)]
+        traces = [dict(t, prompt=p) for t, p in zip(res.traces_json(), request.prompts)]
         data = dict(traces[0], **({"images": traces} if len(traces) > 1 else {}))
         write_json(a.trace, data)
         plot_traces(traces, trace_png)
@@ -451,8 +436,9 @@ def _add_compose_parsers(sub) -> None:
     g.add_argument("--sources", default=None, metavar="A,B", help="registry sources to compose (default: all "
                    "the policy allows)")
     g.add_argument("--policy", default=None, help="registry access policy (the sources a caller may use)")
-    g.add_argument("--router", default="uniform",
-                   help="weight estimator: uniform, fixed, classifier, ratio, ito, path (trajectory likelihood)")
+    g.add_argument("--estimator", "--router", dest="router", default="uniform",
+                   help="weight estimator: uniform, fixed, classifier, ratio, ito, path (trajectory likelihood); "
+                   "--router is the same flag")
     g.add_argument("--weights", default=None, metavar="A=0.5,B=0.5",
                    help="mixing prior lambda per source (the mixture itself for --router fixed)")
     g.add_argument("--sparse", action="store_true", help="sparse routing: drop low-weight sources after warm-up")
@@ -834,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..adapters.errors import AdapterError
     from ..backbone.loading import BackboneError
-    from ..compose.denoiser import ComposeError
+    from ..compose.request import ComposeError
     from ..registry.registry import RegistryError
     from ..util.config import ConfigError
     from ..hub.hub import HubError

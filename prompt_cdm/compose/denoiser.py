@@ -24,7 +24,6 @@ weights / active [N x n]; text embeddings [N x L x D].
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -35,16 +34,12 @@ from ..adapters.lora import route_rows as _route_rows
 from ..estimators import MixOutput, WeightEstimator, mix_step
 from ..core.mixing import guided_rows, normalize, prior_logits
 from ..core.sigmas import step_sigmas
+from .request import UNCOND_MODES, ComposeError
 
-UNCOND_MODES = ("shared", "per-source")
-# sparse routing's starting point (DESIGN.md section 2; to be measured, not trusted): drop a source
-# whose weight is < 5% once the first 20% of the steps are done
-SPARSE_EPS, SPARSE_WARMUP = 0.05, 0.2
-KINDS = ("lora", "soft-prompt")
-
-
-class ComposeError(ValueError):
-    """A composition cannot be built or run; the message says the fix."""
+# "plain": the backbone as it stands, nothing routed (an adapter merged into it or active on it applies to
+# every row) -- composed alone it is plain text-to-image, the n = 1 case of the one loop
+KINDS = ("lora", "soft-prompt", "plain")
+PLAIN = "backbone"  # the trace name of the plain backbone as a source
 
 
 @dataclass(frozen=True)
@@ -63,6 +58,11 @@ class Source:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ComposeError(f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+
+    @classmethod
+    def plain(cls) -> "Source":
+        """The backbone as it stands: composing it alone is plain text-to-image."""
+        return cls(PLAIN, "plain", BASE)
 
     @classmethod
     def from_adapter(cls, loaded) -> "Source":
@@ -158,6 +158,9 @@ class ComposedDenoiser:
 
     def __post_init__(self):
         self.sources = as_sources(self.sources)
+        if any(src.kind == "plain" for src in self.sources) and len(self.sources) > 1:
+            raise ComposeError("the plain backbone is composed alone (its rows are not routed)")
+        self._plain = self.sources[0].kind == "plain"
         self.prompts = list(self.prompts)
         if not self.prompts:
             raise ComposeError("compose needs at least one prompt")
@@ -196,8 +199,13 @@ class ComposedDenoiser:
         # the unconditional prompt of every distinct text encoder (frozen + each text LoRA)
         text_names = list(dict.fromkeys([BASE] + [s.text_adapter for s in S]))
         ctx = list(self.prompts) if self.router_context else []
-        emb = encode_rows(self.pipe, prompts + [self.negative_prompt] * len(text_names) + ctx,
-                          names + text_names + [BASE] * len(ctx))
+        rows = prompts + [self.negative_prompt] * len(text_names) + ctx
+        if self._plain:  # the text encoder as it stands, as for the UNet
+            from .text import encode_prompts
+
+            emb = encode_prompts(self.pipe, rows)
+        else:
+            emb = encode_rows(self.pipe, rows, names + text_names + [BASE] * len(ctx))
         self._cond = emb[: len(prompts)].reshape(len(S), N, *emb.shape[1:])          # [n x N x L x D]
         unc = dict(zip(text_names, emb[len(prompts): len(prompts) + len(text_names)]))
         self._uncond_shared = unc[BASE]                                             # [L x D]
@@ -215,6 +223,7 @@ class ComposedDenoiser:
         self._step = 0
         self._active = self._allowed.clone()
         self.last = None
+        self._observed = False
         self.rows_per_step = []
 
     # -- one step ---------------------------------------------------------------------------------
@@ -249,21 +258,17 @@ class ComposedDenoiser:
             raise ComposeError(f"step {step} past the scheduler's {n_steps} timesteps; call reset() "
                                "before a new trajectory")
         est = self.estimator
-        if self.last is not None:
-            # the sampler stepped last.x -> x (both in the denoiser's input space): the trajectory
-            # estimators (ito) integrate it, with the sigmas of that step still set
-            rows = self.last.eps_rows
-            if getattr(est, "observes_guided", False):  # the kernel each source's own sampler would step with
-                rows = guided_rows(self.last.eps_uncond, rows, self.guidance_scale)
-            est.observe(self.last.x, x, rows, active=self.last.computed)
+        if self.last is not None and not self._observed:
+            raise ComposeError("the sampler did not report its last step: pass the denoiser's `on_step` as the "
+                               "sampling loop's callback (sampling.sample(..., callback=denoiser.on_step))")
         sigma, sigma_next = step_sigmas(self.scheduler, step)
         est.set_state(step, n_steps, t, sigma, sigma_next)
 
-        guided = self.guidance_scale != 1.0  # as generate.guided_denoiser: g == 1 needs no uncond rows
+        guided = self.guidance_scale != 1.0  # g == 1 needs no unconditional rows
         active = self._active.to(x.device)
         xs, embs, names, idx_i, idx_j = self._rows(x, active, guided)
         unet = self.pipe.unet
-        if any(nm != BASE for nm in names) or lora_layers(unet):
+        if not self._plain and (any(nm != BASE for nm in names) or lora_layers(unet)):
             with route_rows(unet, names):
                 out = unet(xs, t, encoder_hidden_states=embs).sample
         else:
@@ -282,6 +287,7 @@ class ComposedDenoiser:
         mixed = mix_step(est, x, eps_u, eps_rows, self.guidance_scale, active,
                          sparse_eps=self.sparse_eps, warmup_frac=self.warmup_frac, **extra)
         self.last = StepRecord(x, eps_u, eps_rows, active, mixed, len(names))
+        self._observed = False
         self.rows_per_step.append(len(names))
         self._active = mixed.active
         self._step += 1
@@ -289,130 +295,18 @@ class ComposedDenoiser:
             self.callback(step, t, mixed)
         return mixed.eps
 
+    def on_step(self, step: int, t, x_next: torch.Tensor) -> None:
+        """The sampling loop's callback after step `step` took the latents to `x_next`.
 
-# ---------------------------------------------------------------- text to image
-
-
-@dataclass
-class ComposeResult:
-    images: object                    # list of PIL images, [N x H x W x 3] float array, or latents
-    traces: list                      # one attribution.TraceRecorder per batch of prompts
-    rows_per_step: list[list[int]]    # UNet batch size of each step, per batch of prompts
-
-    def trace_json(self, sources: Sequence[str], index: int) -> dict:
-        """Image `index`'s trace as `attribution.trace_to_json` data."""
-        b, off = 0, index
-        while off >= self.traces[b].weights.shape[1]:
-            off -= self.traces[b].weights.shape[1]
-            b += 1
-        return self.traces[b].to_json(sources, index=off)
-
-
-@torch.no_grad()
-def compose_images(pipe, sources: Sequence, prompts: Sequence[str], estimator: WeightEstimator, *,
-                   steps: int = 25, guidance_scale: float = 5.0, seed: int = 0, batch_size: int = 16,
-                   scheduler=None, uncond: str = "shared", allowed=None, prompt_prior=None,
-                   sparse_eps: float = 0.0, warmup_frac: float = 0.0, router_context: bool = False,
-                   output_type: str = "pil", progress: bool = False) -> ComposeResult:
-    """Generate one image per prompt from the composition, with diffusers' seeding semantics.
-
-    As `generate.text_to_image`: each batch of prompts draws its noise and then the sampler's noise
-    from one `torch.Generator(seed + first index)`, so one source at weight 1 with
-    uncond="per-source" equals `StableDiffusionPipeline` with that adapter loaded. `scheduler`: a
-    diffusers scheduler (default: the pipeline's); it is copied per batch. allowed / prompt_prior:
-    per image [N x n] (or [n]) over all the prompts. The estimator is reset for every batch.
-    """
-    from tqdm.auto import tqdm
-
-    from ..core.attribution import TraceRecorder
-    from .text import decode, decode_float
-    from ..core.sampling import sample
-
-    if output_type not in ("pil", "np", "latent"):
-        raise ComposeError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-    prompts = list(prompts)
-    sources = as_sources(sources)
-
-    def rows(v, s, e):
-        if v is None:
-            return None
-        v = torch.as_tensor(v)
-        return v[s:e] if v.dim() == 2 else v
-
-    if allowed is not None and torch.as_tensor(allowed).dim() == 2 and len(allowed) != len(prompts):
-        raise ComposeError(f"allowed has {len(allowed)} rows for {len(prompts)} prompts")
-    c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    base = scheduler if scheduler is not None else pipe.scheduler
-    images, traces, rows_per_step = [], [], []
-    for s in tqdm(range(0, len(prompts), batch_size), desc="compose", disable=not progress):
-        chunk = prompts[s: s + batch_size]
-        gen = torch.Generator().manual_seed(seed + s)
-        noise = torch.randn(len(chunk), c, size, size, generator=gen)
-        sched = copy.deepcopy(base)
-        rec = TraceRecorder()
-        denoise = ComposedDenoiser(pipe, sources, chunk, estimator, sched, guidance_scale=guidance_scale,
-                                   uncond=uncond, allowed=rows(allowed, s, s + len(chunk)),
-                                   prompt_prior=rows(prompt_prior, s, s + len(chunk)), sparse_eps=sparse_eps,
-                                   warmup_frac=warmup_frac, callback=rec, router_context=router_context)
-        latents = sample(denoise, sched, noise, steps, generator=gen)
-        traces.append(rec)
-        rows_per_step.append(list(denoise.rows_per_step))
-        if output_type == "pil":
-            images += decode(pipe, latents)
-        else:
-            images.append(latents if output_type == "latent" else decode_float(pipe, latents))
-    if output_type == "latent":
-        images = torch.cat(images)
-    elif output_type == "np":
-        import numpy as np
-
-        images = np.concatenate(images)
-    return ComposeResult(images, traces, rows_per_step)
-
-
-# ---------------------------------------------------------------- building a request
-
-
-def parse_weights(text: str | None, names: Sequence[str]) -> list[float] | None:
-    """"a=0.5,b=0.5" -> [0.5, 0.5] in the order of `names` (every composed source named once;
-    non-negative numbers with a positive sum). None -> None."""
-    if text is None:
-        return None
-    out: dict[str, float] = {}
-    for part in [p.strip() for p in text.split(",") if p.strip()]:
-        key, eq, val = part.partition("=")
-        key = key.strip()
-        if not eq:
-            raise ComposeError(f"weights: {part!r} is not NAME=NUMBER (e.g. --weights a=0.5,b=0.5)")
-        if key not in names:
-            raise ComposeError(f"weights: unknown source {key!r}; composed sources: {', '.join(names)}")
-        if key in out:
-            raise ComposeError(f"weights: source {key!r} given twice")
-        try:
-            out[key] = float(val)
-        except ValueError:
-            raise ComposeError(f"weights: {val.strip()!r} for {key!r} is not a number") from None
-    missing = [n for n in names if n not in out]
-    if missing:
-        raise ComposeError(f"weights: give one for every composed source; missing {', '.join(missing)}")
-    lam = [out[n] for n in names]
-    try:
-        prior_logits(lam)
-    except ValueError as e:
-        raise ComposeError(f"weights: {e}") from None
-    return lam
-
-
-def make_scheduler(pipe, name: str | None = None):
-    """A fresh copy of the pipeline's scheduler, or the diffusers scheduler class `name` built from
-    its config (it must be one of the pipeline's compatible schedulers)."""
-    if name is None:
-        return copy.deepcopy(pipe.scheduler)
-    compatible = {c.__name__: c for c in getattr(pipe.scheduler, "compatibles", [])}
-    compatible[type(pipe.scheduler).__name__] = type(pipe.scheduler)
-    if name not in compatible:
-        raise ComposeError(f"unknown scheduler {name!r}; valid: {', '.join(sorted(compatible))}")
-    try:
-        return compatible[name].from_config(pipe.scheduler.config)
-    except ImportError as e:  # diffusers' placeholders for schedulers with extra dependencies
-        raise ComposeError(f"scheduler {name!r} needs an extra package: {str(e).splitlines()[0]}") from None
+        The trajectory estimators (ito, path) integrate the step last.x -> x_{k+1}, both in the denoiser's
+        input space (`scale_model_input` at the next timestep, what the loop hands the denoiser next),
+        with the sigmas of that step still set. After the last step nothing reads it."""
+        self._observed = True
+        ts = self.scheduler.timesteps
+        if self.last is None or step + 1 >= len(ts):
+            return
+        x_in = self.scheduler.scale_model_input(x_next, ts[step + 1])
+        rows = self.last.eps_rows
+        if getattr(self.estimator, "observes_guided", False):  # the kernel each source's own sampler steps with
+            rows = guided_rows(self.last.eps_uncond, rows, self.guidance_scale)
+        self.estimator.observe(self.last.x, x_in, rows, active=self.last.computed)

@@ -23,6 +23,15 @@ class ComposeError(ValueError):
     """A composition cannot be built or run; the message says the fix."""
 
 
+class ProviderError(ComposeError):
+    """The registry could not supply what a request needs: `need` is "heads" (an estimator's trained
+    heads) or "caption_prior" (the sources' caption statistics); the message is the registry's."""
+
+    def __init__(self, need: str, message: str):
+        super().__init__(message)
+        self.need = need
+
+
 def default_uncond(n_sources: int) -> str:
     """The guidance's unconditional row when a request leaves it open: one source uses its own adapter's
     unconditional row (2 rows per image: exactly what diffusers gives with that adapter loaded); several

@@ -41,6 +41,15 @@ class WeightEstimator:
     """Base class: holds the prior lambda and the per-step state; subclasses implement `weights`."""
 
     name = "base"
+    # What a composition must supply to build this estimator (the pipeline reads these flags instead of
+    # branching on names): the mixing prior as the mixture itself; trained heads from the registry (a
+    # `score_fn` plus their construction arguments) and the frozen encoder's caption embedding as the
+    # heads' context; the sampler's scheduler class (trajectory estimators must know it is stochastic);
+    # a temperature on the evidence.
+    needs_lambdas = False
+    needs_heads = False
+    needs_scheduler = False
+    takes_temperature = True
 
     def __init__(self, lambdas: Sequence[float] | torch.Tensor | None = None,
                  temperature: float = 1.0):

@@ -28,6 +28,7 @@ class ClassifierEstimator(LogitEstimator):
     """
 
     name = "classifier"
+    needs_heads = True
 
     def __init__(self, score_fn, lambdas=None, temperature: float = 1.0,
                  train_prior: Sequence[float] | torch.Tensor | None = None):

@@ -13,6 +13,8 @@ class FixedEstimator(WeightEstimator):
     """The user's lambdas [n] (or [N x n] per image), normalised, at every step."""
 
     name = "fixed"
+    needs_lambdas = True
+    takes_temperature = False
 
     def __init__(self, lambdas=None):
         if lambdas is None:

@@ -80,6 +80,7 @@ class ItoEstimator(WeightEstimator):
     """
 
     name = "ito"
+    needs_scheduler = True
     needs_noise = ("the Itô density estimator needs a stochastic sampler (a deterministic step has no noise to "
                    "cancel the Laplacian term)")
 

@@ -21,6 +21,7 @@ class RatioEstimator(LogitEstimator):
     """w = softmax(T * h + log lambda), h [N x n] from score_fn: h_i ~ log p_i(x_t) / p_ref(x_t)."""
 
     name = "ratio"
+    needs_heads = True
 
 
 def ratio_loss(h_source: torch.Tensor, h_reference: torch.Tensor) -> torch.Tensor:

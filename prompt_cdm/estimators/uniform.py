@@ -13,6 +13,7 @@ class UniformEstimator(WeightEstimator):
     """Equal weights for every source at every step: weights(x, eps_rows) -> [N x n] of 1/n."""
 
     name = "uniform"
+    takes_temperature = False
 
     def __init__(self, lambdas=None):
         if lambdas is not None:

@@ -500,6 +500,28 @@ class Registry:
             out += self.verify_forgotten(f["name"])
         return out
 
+    def check_backbone(self, pipe) -> None:
+        """RegistryError unless `pipe` is the backbone the registry's sources were trained on."""
+        fp = getattr(pipe, "backbone_fingerprint", None)
+        if fp != self.backbone["fingerprint"]:
+            raise RegistryError(f"the registry's sources were trained on backbone {self.backbone['fingerprint']} "
+                                f"({self.backbone['name']}); this pipeline is {fp} -- pass --backbone "
+                                f"{self.backbone['name']}")
+
+    # -- what a composition reads from the registry (the source provider of compose.CDMPipeline) ----------
+
+    def heads(self, estimator: str, names: Sequence[str]):
+        """The trained router heads of `estimator` for sources `names`: (score_fn, estimator kwargs)."""
+        from ..routing.routers import score_fn_from_registry
+
+        return score_fn_from_registry(self, estimator, list(names))
+
+    def caption_prior(self, names: Sequence[str], prompts: Sequence[str], tokenizer, strength: float = 1.0):
+        """lambda(c) [N x n] of `prompts` over `names` from the sources' cached caption statistics."""
+        from ..routing.routers import caption_prior_from_registry
+
+        return caption_prior_from_registry(self, list(names), list(prompts), tokenizer, strength)
+
     def summary(self) -> list[dict]:
         """One row per source: name, kind, adapter folder, the routers that saw it, its policies."""
         rows = []

@@ -43,7 +43,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .worker import PLACEHOLDER_IN_TEXT, PLACEHOLDER_MSG, Busy, Engine, Invalid, Job, ServeError, lambdas
+from .worker import PLACEHOLDER_IN_TEXT, PLACEHOLDER_MSG, Busy, Engine, Invalid, Job, ServeError, check_weights
 from ..estimators import ESTIMATORS
 from .keys import KeyRecord
 
@@ -268,7 +268,7 @@ def create_app(registry_dir: str | os.PathLike, pipe, config: ServeConfig | None
     async def generate(req: GenerateRequest, key: KeyRecord = Depends(user)):
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         names = await run_in_threadpool(engine.authorize, key, req.sources)
-        lambdas(req.weights, names)
+        check_weights(req.weights, names)
         job = Job(key.id, prompts, req.sources, req.router, req.weights, req.sparse, req.steps, req.guidance, req.seed,
                   caption_prior=req.caption_prior, deadline=time.monotonic() + cfg.timeout_s)
         try:

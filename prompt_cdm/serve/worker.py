@@ -7,7 +7,8 @@ from a bounded queue (full -> `Busy`, the caller answers 429), and for each job,
      or removed from the policy while queued -> `Forbidden`: later requests never see it),
   3. makes the adapters applied to the pipeline equal the registry's sources (unloading forgotten
      ones, loading added ones: `compose.load_sources`),
-then composes with `compose.compose_images` (the one sampling loop) and appends the audit line.
+then composes with its `compose.CDMPipeline` (plan under the locks, then the one sampling loop) and
+appends the audit line.
 
 Locks, always taken in this order: `_pipe` (the pipeline and its applied adapters; held for a
 whole generation), then `_state` (registry + key store; held only briefly). An admin's `forget`
@@ -33,6 +34,8 @@ from typing import Sequence
 
 import torch
 
+from ..compose.pipeline import CDMPipeline, load_sources
+from ..compose.request import ComposeError, ComposeRequest, ProviderError, lambdas_for
 from .audit import AUDIT_FILE, AuditLog
 from .keys import SERVE_DIR, KeyRecord, KeyStore
 from ..registry.registry import REGISTRY_FILE, Registry, RegistryError
@@ -125,16 +128,15 @@ def _png_base64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def lambdas(weights: dict[str, float] | None, names: Sequence[str]) -> list[float] | None:
-    """The mixing prior of a request: `weights` must name exactly the composed sources."""
-    from ..compose.denoiser import ComposeError, parse_weights
-
+def check_weights(weights: dict[str, float] | None, names: Sequence[str]) -> None:
+    """The mixing prior of a request: `weights` must name exactly the composed sources, each a valid
+    lambda (the edge checks it before queuing; the worker's plan checks it again)."""
     if weights is None:
-        return None
+        return
     if set(weights) != set(names):
         raise Invalid(f"weights must name exactly the composed sources: {', '.join(names)}")
     try:
-        return parse_weights(",".join(f"{n}={float(weights[n])!r}" for n in names), names)
+        lambdas_for(weights, names)
     except ComposeError as e:
         raise Invalid(str(e)) from None
 
@@ -146,8 +148,6 @@ class Engine:
     the worker (default: the caller's torch.get_num_threads())."""
 
     def __init__(self, registry_dir: str | os.PathLike, pipe, queue_size: int = 16, threads: int | None = None):
-        from ..compose.denoiser import make_scheduler
-
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.folder = Path(registry_dir)
@@ -163,7 +163,7 @@ class Engine:
         self.image_size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
         self.queue_size = queue_size
         self._threads = threads or torch.get_num_threads()
-        self._scheduler = make_scheduler(pipe)
+        self.cdm = CDMPipeline(pipe, registry=self._reg)
         self._pipe = threading.Lock()
         self._state = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -264,7 +264,6 @@ class Engine:
 
     def _sync(self) -> None:
         """(under _pipe and _state) Applied adapters := the registry's sources."""
-        from ..routing.assemble import load_sources
 
         want = self._reg.data["sources"]
         for name in list(self._loaded)[::-1]:
@@ -373,10 +372,6 @@ class Engine:
 
     def run(self, job: Job) -> dict:
         """Run one job now, in this thread (the worker calls it; tests may too)."""
-        from ..compose.denoiser import SPARSE_EPS, SPARSE_WARMUP, ComposeError, compose_images
-        from ..routing.assemble import make_estimator
-        from ..routing.routers import caption_prior_from_registry
-
         with self._pipe:
             if job.deadline is not None and time.monotonic() > job.deadline:
                 raise Expired("the request timed out before its generation began")
@@ -389,36 +384,30 @@ class Engine:
                 broken = [n for n in names if n in self._broken]
                 if broken:
                     raise ServeError(f"source {broken[0]!r} could not be loaded: {self._broken[broken[0]][1]}")
-                lam = lambdas(job.weights, names)
+                check_weights(job.weights, names)
+                self.cdm.registry = self._reg
                 try:
-                    est, ctx = make_estimator(job.router, names, lam, scheduler=self._scheduler, registry=self._reg)
-                except RegistryError:  # its message may list other sources' heads: say only what failed
-                    raise Invalid(f"router {job.router!r} has no usable trained heads for these sources; use "
-                                  "uniform, fixed, ito or path, or ask an admin to train it") from None
+                    request = ComposeRequest(job.prompts, sources=names, estimator=job.router, lambdas=job.weights,
+                                             caption_prior=1.0 if job.caption_prior else None, sparse=job.sparse,
+                                             steps=job.steps, guidance=job.guidance, seed=job.seed)
+                    plan = self.cdm.plan(request, sources=[self._loaded[n].source for n in names])
+                except ProviderError as e:  # the registry's message may name other sources or its folder
+                    if e.need == "heads":
+                        raise Invalid(f"router {job.router!r} has no usable trained heads for these sources; use "
+                                      "uniform, fixed, ito or path, or ask an admin to train it") from None
+                    raise Invalid("caption_prior: a composed source has no caption statistics; leave "
+                                  "caption_prior off, or ask an admin to cache them (router cache)") from None
                 except ComposeError as e:
                     raise Invalid(str(e)) from None
-                prompt_prior = None
-                if job.caption_prior:
-                    try:
-                        prompt_prior = caption_prior_from_registry(self._reg, names, job.prompts, self.pipe.tokenizer)
-                    except RegistryError:  # its message names the registry folder: say only what failed
-                        raise Invalid("caption_prior: a composed source has no caption statistics; leave "
-                                      "caption_prior off, or ask an admin to cache them (router cache)") from None
-            sources = [self._loaded[n].source for n in names]
             self._check_prompts(job.prompts)
             t0 = time.perf_counter()
             try:
-                res = compose_images(self.pipe, sources, job.prompts, est, steps=job.steps,
-                                     guidance_scale=job.guidance, seed=job.seed, scheduler=self._scheduler,
-                                     uncond="per-source" if len(sources) == 1 else "shared",
-                                     sparse_eps=SPARSE_EPS if job.sparse else 0.0,
-                                     warmup_frac=SPARSE_WARMUP if job.sparse else 0.0, router_context=ctx,
-                                     prompt_prior=prompt_prior)
+                res = self.cdm.run(plan)
             except ComposeError as e:
                 raise Invalid(str(e)) from None
             seconds = time.perf_counter() - t0
-        traces = [res.trace_json(names, k) for k in range(len(job.prompts))]
-        credit = {n: sum(t["credit"][n] for t in traces) / len(traces) for n in names}
+        traces = res.traces_json()
+        credit = res.credit
         self.audit.append({"request": job.id, "key": job.key_id, "sources": names, "credit": credit,
                            "router": job.router, "images": len(job.prompts), "steps": job.steps})
         return {

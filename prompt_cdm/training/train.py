@@ -473,7 +473,8 @@ def save_loss_curve(rows: list[dict], path: Path, title: str) -> None:
 
 def _sample_grid(pipe, run: _Run, captions: list[str], cfg: TrainConfig):
     """Row 1: the frozen backbone; row 2: with the adapter (same seed). Removes the adapter."""
-    from ..compose.text import grid, text_to_image
+    from ..compose.pipeline import text_to_image
+    from ..util.plots import grid
 
     kw = dict(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed)
     with_adapter = text_to_image(pipe, [run.prompt(c) for c in captions], **kw)

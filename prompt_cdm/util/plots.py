@@ -47,3 +47,17 @@ def plot_traces(traces: Mapping | Sequence[Mapping], path: str | os.PathLike, ti
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def grid(images: list, cols: int = 8, scale: int = 2, pad: int = 2):
+    """Tile PIL images into one picture (nearest-neighbour upscaled so small renders are visible)."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    out = Image.new("RGB", (cols * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        out.paste(im.resize((w * scale, h * scale), Image.Resampling.NEAREST),
+                  (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
+    return out

@@ -17,7 +17,8 @@ from prompt_cdm.adapters import (AdapterError, LoraAdapter, LoraAdapterConfig, S
 from prompt_cdm.adapters import lora, soft_prompt
 from prompt_cdm.adapters.card import read_front_matter
 from prompt_cdm.adapters.store import CONFIG_NAME, WEIGHTS_NAME
-from prompt_cdm.compose.text import encode_prompts, text_to_image
+from prompt_cdm.compose.pipeline import text_to_image
+from prompt_cdm.compose.text import encode_prompts
 
 STEPS, GUIDANCE, SEED = 3, 4.0, 11
 CAPTIONS = ["a red circle on the left", "a small blue square at the top"]

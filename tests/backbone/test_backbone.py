@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from prompt_cdm.backbone.loading import BackboneError, fingerprint, load
-from prompt_cdm.compose.text import text_to_image
+from prompt_cdm.compose.pipeline import text_to_image
 
 from helpers import have_tiny_weights
 

@@ -16,8 +16,9 @@ from prompt_cdm.adapters import LoraAdapter, LoraAdapterConfig, SoftPromptConfig
 from prompt_cdm.adapters import lora, soft_prompt
 from prompt_cdm.core.attribution import TraceRecorder
 from prompt_cdm.cli import main
-from prompt_cdm.compose.denoiser import ComposedDenoiser, ComposeError, Source, compose_images, parse_weights
-from prompt_cdm.routing.assemble import make_estimator
+from prompt_cdm.compose.denoiser import ComposedDenoiser, Source
+from prompt_cdm.compose.pipeline import build_estimator, compose_images
+from prompt_cdm.compose.request import ComposeError, lambdas_for, parse_lambdas
 from prompt_cdm.estimators import ItoEstimator, get_estimator
 from prompt_cdm.compose.text import encode_prompts
 from prompt_cdm.core.mixing import guidance
@@ -259,7 +260,7 @@ def test_ito_sees_observe_then_set_state_then_weights_with_the_step_taken(pipe, 
 
     rec = TraceRecorder()
     d.callback = rec
-    sample(denoise, sched, torch.randn(2, 4, 16, 16, generator=gen), STEPS, generator=gen)
+    sample(denoise, sched, torch.randn(2, 4, 16, 16, generator=gen), STEPS, generator=gen, callback=d.on_step)
     assert est.calls == ["set_state", "weights"] + ["observe", "set_state", "weights"] * (STEPS - 1)
     assert [s[:2] for s in est.states] == [(k, STEPS) for k in range(STEPS)]
     sig = sched.sigmas.tolist()
@@ -270,7 +271,7 @@ def test_ito_sees_observe_then_set_state_then_weights_with_the_step_taken(pipe, 
     assert torch.allclose(w[0], torch.full((2, 2), 0.5))  # all ll start equal: the prior
     assert (w[-1] - 0.5).abs().max() > 1e-3  # and then the trajectory moves them
     with pytest.raises(ComposeError, match="stochastic"):
-        make_estimator("ito", ["a", "b"], scheduler=type("DDIMScheduler", (), {})())
+        build_estimator("ito", ["a", "b"], scheduler=type("DDIMScheduler", (), {})())
 
 
 def test_refusals(pipe, handles):
@@ -282,14 +283,14 @@ def test_refusals(pipe, handles):
         ComposedDenoiser(pipe, [Source("z", "lora", "zz")], CAPTIONS, get_estimator("uniform"),
                          _scheduler(pipe))(torch.zeros(2, 4, 16, 16), 999)
     with pytest.raises(ComposeError, match="unknown router 'magic'"):
-        make_estimator("magic", ["a"])
+        build_estimator("magic", ["a"])
     with pytest.raises(ComposeError, match="uniform takes no lambdas"):
-        make_estimator("uniform", ["a"], [1.0])
-    assert parse_weights("a=0.25, b=0.75", ["a", "b"]) == [0.25, 0.75]
+        build_estimator("uniform", ["a"], [1.0])
+    assert lambdas_for(parse_lambdas("a=0.25, b=0.75"), ["a", "b"]) == [0.25, 0.75]
     for bad, msg in [("a=0,b=0", "positive sum"), ("a=1", "missing b"), ("a=1,b=1,z=1", "unknown source 'z'"),
                      ("a=x,b=1", "not a number"), ("a=-1,b=2", "non-negative")]:
         with pytest.raises(ComposeError, match=msg):
-            parse_weights(bad, ["a", "b"])
+            lambdas_for(parse_lambdas(bad), ["a", "b"])
 
 
 # ---------------------------------------------------------------- the CLI
@@ -381,7 +382,8 @@ def test_path_observes_each_sources_guided_rows(pipe, handles, uncond):
         return out
 
     gen = torch.Generator().manual_seed(SEED)
-    sample(denoise, d.scheduler, torch.randn(2, 4, 16, 16, generator=gen), STEPS, generator=gen)
+    sample(denoise, d.scheduler, torch.randn(2, 4, 16, 16, generator=gen), STEPS, generator=gen,
+           callback=d.on_step)
     assert len(seen) == STEPS - 1
     for k, rows in enumerate(seen):
         r = records[k]
@@ -389,4 +391,4 @@ def test_path_observes_each_sources_guided_rows(pipe, handles, uncond):
         assert torch.equal(rows, want) and not torch.equal(rows, r.eps_rows)
         # mixing the guided rows is the step the sampler took (guidance is affine, weights sum to 1)
         assert torch.allclose((r.out.weights.t()[..., None, None, None] * rows).sum(0), r.out.eps, atol=1e-5)
-    assert make_estimator("path", ["a", "b"], scheduler=d.scheduler)[0].name == "path"
+    assert build_estimator("path", ["a", "b"], scheduler=d.scheduler)[0].name == "path"

@@ -239,8 +239,8 @@ def _synthetic_cache(reg, name, mean, g, m=64):
 
 
 def test_routers_train_from_caches_route_and_forget(pipe, adapters, tmp_path):
-    from prompt_cdm.compose.denoiser import ComposeError
-    from prompt_cdm.routing.assemble import make_estimator
+    from prompt_cdm.compose.pipeline import build_estimator
+    from prompt_cdm.compose.request import ComposeError
     from prompt_cdm.routing.routers import TrainConfig, train_router
 
     reg = _filled(tmp_path, pipe, adapters)
@@ -250,7 +250,7 @@ def test_routers_train_from_caches_route_and_forget(pipe, adapters, tmp_path):
     abar = pipe.scheduler.alphas_cumprod
     cfg = TrainConfig(steps=60, batch_size=32, use_context=False)
     with pytest.raises(RegistryError, match="no router"):
-        make_estimator("ratio", ["a", "b"], registry=reg)
+        build_estimator("ratio", ["a", "b"], heads=reg.heads)
     rep = train_router(reg, "classifier", abar, cfg)
     assert set(rep) == {"classifier"} and rep["classifier"]["final_loss"] < 0.9  # chance: log 3 = 1.10
     assert set(train_router(reg, "ratio", abar, cfg, ["a", "b"])) == {"ratio-a", "ratio-b"}
@@ -259,7 +259,7 @@ def test_routers_train_from_caches_route_and_forget(pipe, adapters, tmp_path):
 
     x = torch.cat([1.5 + 0.5 * torch.randn(8, 4, 16, 16, generator=g), -1.5 + 0.5 * torch.randn(8, 4, 16, 16, generator=g)])
     for kind in ("classifier", "ratio"):
-        est, ctx = make_estimator(kind, ["a", "b"], registry=reg)
+        est, ctx = build_estimator(kind, ["a", "b"], heads=reg.heads)
         assert ctx  # compose hands the router the caption embedding
         est.reset(2, 16)
         est.set_state(0, 1, torch.tensor(20))  # little noise: the sources are easy to tell apart
@@ -269,10 +269,10 @@ def test_routers_train_from_caches_route_and_forget(pipe, adapters, tmp_path):
     reg.forget("b")
     assert reg.verify() == [] and "ratio-b" not in reg.routers
     with pytest.raises(RegistryError, match="stale"):
-        make_estimator("classifier", ["a", "c"], registry=reg)
-    make_estimator("ratio", ["a"], registry=reg)  # a's own head is untouched by forgetting b
+        build_estimator("classifier", ["a", "c"], heads=reg.heads)
+    build_estimator("ratio", ["a"], heads=reg.heads)  # a's own head is untouched by forgetting b
     with pytest.raises(ComposeError, match="needs trained heads"):
-        make_estimator("ratio", ["a"])
+        build_estimator("ratio", ["a"])
 
 
 def test_cli_router_cache_train_and_generate(pipe, adapters, tmp_path, capsys):

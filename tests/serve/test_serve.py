@@ -285,7 +285,7 @@ def test_504_past_the_timeout_and_a_cancelled_job_never_runs(served):
 
 
 def test_forget_while_serving_in_flight_finishes_later_requests_never_see_it(served, monkeypatch):
-    import prompt_cdm.compose.denoiser as compose
+    import prompt_cdm.compose.pipeline as compose
 
     engine = served.engine
     started, go = threading.Event(), threading.Event()
