@@ -206,7 +206,7 @@ def stage_forget(cfg: ExperimentConfig, out: Path, train_res: dict, eval_res: di
     """Forget one domain source in a copy of the evaluated registry; re-evaluate the others (classifier)."""
     from prompt_cdm.backbone.loading import load_quietly
     from prompt_cdm.registry.registry import Registry
-    from prompt_cdm.routing.routers import TrainConfig, train_router
+    from prompt_cdm.routing.routers import RouterTrainConfig, train_router
 
     from . import composition_quality as cq
 
@@ -225,7 +225,7 @@ def stage_forget(cfg: ExperimentConfig, out: Path, train_res: dict, eval_res: di
     if router == "classifier":  # the stale n-way classifier is retrained on the others' cached latents
         t0 = time.time()
         train_router(reg, "classifier", load_quietly(cfg.backbone).scheduler.alphas_cumprod,
-                     TrainConfig(steps=cfg.router_steps), rest)
+                     RouterTrainConfig(steps=cfg.router_steps), rest)
         router_s = time.time() - t0
     after = cq.evaluate(str(domain_adapters(cfg, out)), str(out / "data"), str(out / "forget"), domains=rest,
                         routers=[router], n=cfg.n_eval, steps=cfg.sample_steps, guidance=cfg.guidance,

@@ -179,8 +179,8 @@ def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, es
     """[N] Wen et al.'s score per prompt: the mean over the first `first_steps` of `steps` sampling steps of
     ||eps(x_t, c) - eps(x_t, empty)||_2, on the trajectory the sampler actually takes (guidance `guidance`).
 
-    sources=None: the backbone alone (`Source.plain()`, the n = 1 composition). Otherwise the composition of `sources`
-    (`compose.Source`s already applied to `pipe`) with `estimator` (default uniform); its conditional
+    sources=None: the backbone alone (`ComposedSource.plain()`, the n = 1 composition). Otherwise the composition of `sources`
+    (`compose.ComposedSource`s already applied to `pipe`) with `estimator` (default uniform); its conditional
     prediction is the mixed sum_i w_i eps_i(c) and its unconditional one the shared row (or the
     weight-mixed per-source rows). uncond: default per-source for one source (= plain diffusers with that
     adapter), else shared. prompt_prior: lambda(c) per prompt [N x n] (compose.ComposedDenoiser). One batch,
@@ -201,10 +201,10 @@ def wen_scores(pipe, prompts: Sequence[str], sources: Sequence | None = None, es
     c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     noise = torch.randn(len(prompts), c, size, size, generator=gen)
     norms: list[torch.Tensor] = []
-    from prompt_cdm.compose.denoiser import ComposedDenoiser, Source
+    from prompt_cdm.compose.denoiser import ComposedDenoiser, ComposedSource
     from prompt_cdm.estimators import get_estimator
 
-    sources = [Source.plain()] if sources is None else list(sources)
+    sources = [ComposedSource.plain()] if sources is None else list(sources)
     denoise = ComposedDenoiser(pipe, sources, prompts, estimator or get_estimator("uniform"), sched,
                                guidance_scale=guidance, prompt_prior=prompt_prior,
                                uncond=uncond or default_uncond(len(sources)))

@@ -337,7 +337,7 @@ def stage_forget(cfg: DemoConfig, out: Path, pipe) -> dict:
     from eval.world_scoring import heldout
 
     from .registry.registry import Registry, RegistryError
-    from .routing.routers import TrainConfig, train_router
+    from .routing.routers import RouterTrainConfig, train_router
 
     name = cfg.forget
     dst = out / "registry_forget"
@@ -363,7 +363,7 @@ def stage_forget(cfg: DemoConfig, out: Path, pipe) -> dict:
     retrain_s = None
     if len(rest) >= 2:  # the paper's classifier saw the forgotten data: retrain it on the rest's cached latents
         t0 = time.time()
-        train_router(reg, "classifier", pipe.scheduler.alphas_cumprod, TrainConfig(steps=cfg.router_steps), rest)
+        train_router(reg, "classifier", pipe.scheduler.alphas_cumprod, RouterTrainConfig(steps=cfg.router_steps), rest)
         retrain_s = time.time() - t0
     problems_after = reg.verify()
     # the rest composes with the ratio heads as they were (no retraining), on captions of every domain

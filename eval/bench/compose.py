@@ -39,7 +39,7 @@ def _pipe(backbone: str, sample_size: int):
 def _random_loras(pipe, n: int, rank: int = 4) -> list:
     """n LoRA sources with random (non-zero) weights, applied to `pipe`."""
     from prompt_cdm.adapters import LoraAdapter, LoraAdapterConfig, lora
-    from prompt_cdm.compose.denoiser import Source
+    from prompt_cdm.compose.denoiser import ComposedSource
 
     cfg = LoraAdapterConfig(rank=rank, alpha=float(rank))
     out = []
@@ -49,7 +49,7 @@ def _random_loras(pipe, n: int, rank: int = 4) -> list:
         name = f"bench{i}"
         lora.apply(pipe, LoraAdapter(cfg, {k: torch.randn(v.shape, generator=g) * 0.01
                                            for k, v in fresh.tensors.items()}), name)
-        out.append(Source(name, "lora", name))
+        out.append(ComposedSource(name, "lora", name))
     return out
 
 

@@ -44,7 +44,6 @@ LORA_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 SOFT_PROMPT_DIFFUSERS_NAME = "learned_embeds.safetensors"
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
-PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
 SOFT_PROMPT_KEY = "soft_prompt.embeds"
 
 PARAMS = {"soft-prompt": SoftPromptConfig, "lora": LoraAdapterConfig}  # kind -> hyper-parameter dataclass
@@ -235,14 +234,11 @@ def save_adapter(
 
 
 def _check_folder(folder: Path) -> None:
+    from .validate import check_pickles
+
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist; pass a folder written by save_adapter")
-    pickles = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        raise AdapterError(
-            f"{pickles[0]} is a pickle file; prompt_cdm loads safetensors only (pickle can run code) -- delete it, "
-            "or convert it to safetensors and re-save the adapter with save_adapter"
-        )
+    check_pickles(folder, str(folder))
 
 
 def read_adapter_config(folder: str | os.PathLike) -> AdapterConfig:
@@ -266,7 +262,7 @@ def read_adapter_config(folder: str | os.PathLike) -> AdapterConfig:
         raise AdapterError(f"{path}: {e} -- fix the file or re-save it") from None
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise AdapterError(f"{path} is missing: the adapter has no weights -- re-save it with save_adapter "
                            "or download the whole folder again")
@@ -295,7 +291,7 @@ def load_adapter(folder: str | os.PathLike, pipe, name: str | None = None) -> Lo
     _check_folder(folder)
     config = read_adapter_config(folder)
     weights_path = folder / WEIGHTS_NAME
-    tensors = _read_weights(weights_path)
+    tensors = read_weights(weights_path)
     fp = backbone_fingerprint(pipe)
     if config.backbone_fingerprint != fp:
         raise AdapterError(

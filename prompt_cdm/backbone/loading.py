@@ -160,7 +160,9 @@ def _check_pipeline_folder(path: Path) -> None:
     missing = [k for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if k not in index]
     if missing:
         raise BackboneError(f"{path} is not a Stable Diffusion pipeline: model_index.json lacks {', '.join(missing)}")
-    pickles = [p for p in path.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth", ".pkl")]
+    from ..util.io import is_pickle_name
+
+    pickles = [p for p in path.rglob("*") if is_pickle_name(p.name)]
     if pickles and not list(path.rglob("*.safetensors")):
         raise BackboneError(
             f"{path} holds only pickle weights ({pickles[0].name}); prompt_cdm loads safetensors only -- "

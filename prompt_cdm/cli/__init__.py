@@ -408,13 +408,13 @@ def cmd_router_cache(a) -> None:
 
 def cmd_router_train(a) -> None:
     from ..registry.registry import Registry
-    from ..routing.routers import TrainConfig, train_router
+    from ..routing.routers import RouterTrainConfig, train_router
 
     reg = Registry(a.registry)
     if a.kind not in ("classifier", "ratio"):
         raise UsageError(f"--kind must be classifier or ratio, got {a.kind!r}")
     try:
-        cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, use_context=not a.no_context, seed=a.seed)
+        cfg = RouterTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, use_context=not a.no_context, seed=a.seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
     names = reg.resolve(a.sources.split(",") if a.sources else None)

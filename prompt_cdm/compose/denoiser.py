@@ -43,7 +43,7 @@ PLAIN = "backbone"  # the trace name of the plain backbone as a source
 
 
 @dataclass(frozen=True)
-class Source:
+class ComposedSource:
     """One composed source: its id, adapter kind and its handle on the pipeline.
 
     handle: the peft adapter name of a LoRA, the placeholder of a soft prompt.
@@ -60,12 +60,12 @@ class Source:
             raise ComposeError(f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
 
     @classmethod
-    def plain(cls) -> "Source":
+    def plain(cls) -> "ComposedSource":
         """The backbone as it stands: composing it alone is plain text-to-image."""
         return cls(PLAIN, "plain", BASE)
 
     @classmethod
-    def from_adapter(cls, loaded) -> "Source":
+    def from_adapter(cls, loaded) -> "ComposedSource":
         """From a `store.LoadedAdapter` (what `load_adapter` returns)."""
         text = loaded.kind == "lora" and bool(loaded.config.params.get("text_encoder", False))
         return cls(loaded.config.source_id, loaded.kind, loaded.name, text)
@@ -83,9 +83,9 @@ class Source:
         return self.handle if self.text_lora else BASE
 
 
-def as_sources(sources: Sequence) -> list[Source]:
-    """Sources or LoadedAdapters -> [Source]; names must be unique."""
-    out = [s if isinstance(s, Source) else Source.from_adapter(s) for s in sources]
+def as_sources(sources: Sequence) -> list[ComposedSource]:
+    """Sources or LoadedAdapters -> [ComposedSource]; names must be unique."""
+    out = [s if isinstance(s, ComposedSource) else ComposedSource.from_adapter(s) for s in sources]
     if not out:
         raise ComposeError("compose at least one source")
     names = [s.name for s in out]

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..estimators import ESTIMATORS, WeightEstimator, get_estimator
-from .denoiser import PLAIN, ComposedDenoiser, Source, as_sources
+from .denoiser import PLAIN, ComposedDenoiser, ComposedSource, as_sources
 from .request import ComposeError, ComposeRequest, ProviderError, lambdas_for
 
 
@@ -81,8 +81,8 @@ def make_scheduler(pipe, name: str | None = None):
 
 
 def load_sources(pipe, adapter_dirs: Sequence | None = None, registry=None,
-                 names: Sequence[str] | None = None) -> tuple[list[Source], list]:
-    """Apply the composed adapters to `pipe` -> ([Source], [LoadedAdapter]): the folders `adapter_dirs`, or the
+                 names: Sequence[str] | None = None) -> tuple[list[ComposedSource], list]:
+    """Apply the composed adapters to `pipe` -> ([ComposedSource], [LoadedAdapter]): the folders `adapter_dirs`, or the
     registry's sources `names` (each LoRA under its registry name). All or nothing: on a refusal
     the ones already applied are removed again."""
     from ..adapters import load_adapter
@@ -102,9 +102,9 @@ def load_sources(pipe, adapter_dirs: Sequence | None = None, registry=None,
         for h in reversed(loaded):
             h.remove()
         raise
-    sources = [Source.from_adapter(h) for h in loaded]
+    sources = [ComposedSource.from_adapter(h) for h in loaded]
     if registry is not None:  # trace names are registry names (a source id may differ)
-        sources = [Source(n, s.kind, s.handle, s.text_lora) for s, (_, n) in zip(sources, todo)]
+        sources = [ComposedSource(n, s.kind, s.handle, s.text_lora) for s, (_, n) in zip(sources, todo)]
     return sources, loaded
 
 
@@ -158,7 +158,7 @@ def compose_images(pipe, sources: Sequence, prompts: Sequence[str], estimator: W
 
     Each batch of prompts draws its noise and then the sampler's noise from one
     `torch.Generator(seed + first index)`, so one source at weight 1 with uncond="per-source" equals
-    `StableDiffusionPipeline` with that adapter loaded, and `Source.plain()` alone equals it on the
+    `StableDiffusionPipeline` with that adapter loaded, and `ComposedSource.plain()` alone equals it on the
     backbone as it stands. `scheduler`: a diffusers scheduler (default: the pipeline's); it is copied per batch.
     allowed / prompt_prior: per image [N x n] (or [n]) over all the prompts. The estimator is reset for
     every batch; the sampler hands each step's x_{k+1} to the denoiser (`ComposedDenoiser.on_step`).
@@ -225,12 +225,12 @@ def latent_size(pipe, size: int) -> int:
 def text_to_image(pipe, prompts: list[str], steps: int = 25, guidance_scale: float = 5.0, seed: int = 0,
                   batch_size: int = 64, progress: bool = False, output_type: str = "pil"):
     """Plain text-to-image with the backbone as it stands (an adapter active on it applies): the n = 1
-    composition of `Source.plain()`, `StableDiffusionPipeline(prompts, generator=...)` image for
+    composition of `ComposedSource.plain()`, `StableDiffusionPipeline(prompts, generator=...)` image for
     image. `output_type`: "pil" (list of uint8 PIL images), "np" ([N x H x W x 3] float32 in [0, 1],
     diffusers' "np") or "latent" ([N x C x h x w] x_0 latents)."""
     if output_type not in ("pil", "np", "latent"):
         raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-    return compose_images(pipe, [Source.plain()], prompts, get_estimator("uniform"), steps=steps,
+    return compose_images(pipe, [ComposedSource.plain()], prompts, get_estimator("uniform"), steps=steps,
                           guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, uncond="per-source",
                           output_type=output_type, progress=progress).images
 
@@ -260,7 +260,7 @@ class CDMPipeline:
                                f"{len(caption_stats)}")
         self.caption_stats = None if caption_stats is None else list(caption_stats)
         self._stats: dict = {}  # source name -> CaptionStats, once the folders are applied
-        self._applied: dict[str, tuple[Source, object]] = {}
+        self._applied: dict[str, tuple[ComposedSource, object]] = {}
         if registry is not None:
             registry.check_backbone(backbone)
 
@@ -270,11 +270,11 @@ class CDMPipeline:
     def applied(self) -> list[str]:
         return list(self._applied)
 
-    def apply(self, names: Sequence[str] | None = None) -> list[Source]:
+    def apply(self, names: Sequence[str] | None = None) -> list[ComposedSource]:
         """Apply what is not applied yet of the registry's sources `names` (default: all), or of the
         adapter folders; all or nothing. Returns the composed sources, in order."""
         if self.registry is None and not self.adapter_dirs:
-            return [Source.plain()]
+            return [ComposedSource.plain()]
         if self.registry is not None:
             names = list(names) if names is not None else list(self.registry.sources)
             todo = [n for n in names if n not in self._applied]
@@ -327,7 +327,7 @@ class CDMPipeline:
             return [PLAIN]
         return [s.name for s in self.apply(request.sources)]
 
-    def plan(self, request: ComposeRequest, *, sources: Sequence[Source] | None = None,
+    def plan(self, request: ComposeRequest, *, sources: Sequence[ComposedSource] | None = None,
              estimator_hook: Callable[[WeightEstimator], WeightEstimator] | None = None) -> "ComposePlan":
         """What `request` means on this backbone and these sources, decided in order (nothing sampled yet).
 
@@ -384,7 +384,7 @@ class CDMPipeline:
         return prior([self._stats[n] for n in names], content_ids(self.backbone.tokenizer, prompts), strength=strength)
 
     def __call__(self, request: ComposeRequest, *, output_type: str = "pil", progress: bool = False,
-                 sources: Sequence[Source] | None = None,
+                 sources: Sequence[ComposedSource] | None = None,
                  estimator_hook: Callable[[WeightEstimator], WeightEstimator] | None = None) -> ComposeResult:
         """Images, traces and credit of `request` (`plan`'s arguments), in one batched UNet pass per step."""
         return self.run(self.plan(request, sources=sources, estimator_hook=estimator_hook), output_type=output_type,
@@ -407,7 +407,7 @@ class ComposePlan:
     """A request resolved against a pipeline: everything the image loop runs with."""
 
     request: ComposeRequest
-    sources: list[Source]
+    sources: list[ComposedSource]
     scheduler: object
     estimator: WeightEstimator
     router_context: bool            # the estimator's heads read the frozen encoder's caption embedding

@@ -34,10 +34,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..util.io import sha256_file, write_json
+from ..util.io import PICKLE_SUFFIXES, sha256_file, write_json
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz")
 DATASETS_PREFIX = "datasets:"
 MANIFEST_VERSION = 1
 RACY_NS = 2_000_000_000  # a file modified < 2 s before its manifest was written is re-hashed next time
@@ -137,7 +136,7 @@ class SourceItem:
     text: str
 
 
-class Source:
+class DataSource:
     """A source's items (sorted by file name: training order never depends on row order) and its manifest."""
 
     kind = "?"
@@ -166,7 +165,7 @@ class Source:
     def manifest(self, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> Manifest:
         raise NotImplementedError
 
-    def members(self) -> list["Source"]:
+    def members(self) -> list["DataSource"]:
         return [self]
 
 
@@ -193,7 +192,7 @@ def _head(path: Path) -> bytes:
         return b""
 
 
-class ImageFolderSource(Source):
+class ImageFolderSource(DataSource):
     """A folder of images + metadata.jsonl (`file_name`, `text`) or metadata.csv."""
 
     kind = "imagefolder"
@@ -328,7 +327,7 @@ def _item(folder: Path, where: str, row: dict, seen: dict) -> SourceItem:
     return SourceItem(name, caption.strip())
 
 
-class DatasetsSource(Source):
+class DatasetsSource(DataSource):
     """A `datasets` name, read with the optional `datasets` library (columns `image` and `text`)."""
 
     kind = "datasets"
@@ -391,14 +390,14 @@ class DatasetsSource(Source):
         return m
 
 
-class UnionSource(Source):
+class UnionSource(DataSource):
     """The union of several sources (the monolithic **paragon** baseline trains on it).
 
     Item names are `<member id>/<file name>`; the set hash covers the members' hashes."""
 
     kind = "union"
 
-    def __init__(self, sources: list[Source], source_id: str = "paragon"):
+    def __init__(self, sources: list[DataSource], source_id: str = "paragon"):
         if len(sources) < 2:
             raise SourceError("a union needs at least two sources")
         ids = [s.id for s in sources]
@@ -406,7 +405,7 @@ class UnionSource(Source):
         if dup:
             raise SourceError(f"two sources share the id {dup!r}; give each folder a distinct name")
         self._members = sorted(sources, key=lambda s: s.id)
-        self._index: list[tuple[Source, int]] = []
+        self._index: list[tuple[DataSource, int]] = []
         items = []
         for s in self._members:
             for j, it in enumerate(s.items):
@@ -415,7 +414,7 @@ class UnionSource(Source):
         lookup = {f"{s.id}/{it.file_name}": (s, j) for s in self._members for j, it in enumerate(s.items)}
         self._index = [lookup[it.file_name] for it in self.items]
 
-    def members(self) -> list[Source]:
+    def members(self) -> list[DataSource]:
         return list(self._members)
 
     def image(self, i: int) -> Image.Image:
@@ -431,7 +430,7 @@ class UnionSource(Source):
         return Manifest(self.id, self.kind, self.location, h.hexdigest(), len(self), [], members, time.time_ns())
 
 
-def open_source(spec: str | os.PathLike, source_id: str | None = None) -> Source:
+def open_source(spec: str | os.PathLike, source_id: str | None = None) -> DataSource:
     """A folder path -> ImageFolderSource; `datasets:NAME[@SPLIT]` -> DatasetsSource (needs `datasets`)."""
     s = str(spec)
     if s.startswith(DATASETS_PREFIX):
@@ -442,7 +441,7 @@ def open_source(spec: str | os.PathLike, source_id: str | None = None) -> Source
     return ImageFolderSource(s, source_id=source_id)
 
 
-def open_sources(specs: list[str | os.PathLike], source_id: str | None = None) -> Source:
+def open_sources(specs: list[str | os.PathLike], source_id: str | None = None) -> DataSource:
     """One spec -> that source; several -> their union (id `source_id`, default 'paragon')."""
     if not specs:
         raise SourceError("no source given; pass --source DIR (repeat it for the union of several)")
@@ -451,7 +450,7 @@ def open_sources(specs: list[str | os.PathLike], source_id: str | None = None) -
     return UnionSource([open_source(s) for s in specs], source_id=source_id or "paragon")
 
 
-def clear_cache(source: Source, cache_dir: str | os.PathLike | None = None) -> None:
+def clear_cache(source: DataSource, cache_dir: str | os.PathLike | None = None) -> None:
     """Delete the cached manifests of `source` (and of a union's members): part of forgetting a source."""
     import shutil
 

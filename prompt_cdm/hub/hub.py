@@ -37,8 +37,6 @@ CHECKSUMS_VERSION = 1
 _NOT_PUSHED = (".git", ".cache/huggingface")
 _HUB_HOUSEKEEPING = ".gitattributes"  # every hub repo gets one at creation; not adapter content
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_LORA_KEY = re.compile(r"^(?P<component>unet|text_encoder)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
 class HubError(ValueError):
@@ -177,95 +175,16 @@ def verify_checksums(folder: str | os.PathLike, label: str | None = None, ignore
                        "which also removes stale files")
 
 
-def _safetensors_header(path: Path, label: str) -> dict[str, tuple[str, list[int]]]:
-    """{key: (dtype, shape)} read with safetensors' own parser (header, offsets and file length)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise HubError(f"{label} is truncated or corrupt ({first}); re-save the adapter with save_adapter "
-                       "(or download it again)") from None
-
-
-def _check_soft_prompt(params, weights: dict, others: dict, label: str) -> None:
-    from ..adapters.store import SOFT_PROMPT_DIFFUSERS_NAME, SOFT_PROMPT_KEY
-
-    if set(weights) != {SOFT_PROMPT_KEY}:
-        raise HubError(f"{label}: a soft prompt's weights are one tensor {SOFT_PROMPT_KEY!r}, found {sorted(weights)}; "
-                       "re-save the adapter with save_adapter")
-    dtype, shape = weights[SOFT_PROMPT_KEY]
-    if len(shape) != 2 or shape[0] != params.num_vectors or shape[1] < 1 or dtype not in _FLOAT_DTYPES:
-        raise HubError(f"{label}: {SOFT_PROMPT_KEY} is {dtype} {shape}, the config implies floating point "
-                       f"[num_vectors={params.num_vectors} x D]; re-save the adapter with save_adapter")
-    te = others.get(SOFT_PROMPT_DIFFUSERS_NAME)  # optional copy for pipe.load_textual_inversion
-    if te is not None and (set(te) != {params.placeholder} or te[params.placeholder][1] != shape):
-        found = {k: v[1] for k, v in te.items()}
-        raise HubError(f"{label.rsplit('/', 1)[0]}/{SOFT_PROMPT_DIFFUSERS_NAME}: expected one tensor "
-                       f"{params.placeholder!r} of shape {shape} (the soft prompt's rows), found {found}; "
-                       "re-save the adapter with save_adapter")
-
-
-def _check_lora(params, weights: dict, label: str) -> None:
-    pairs: dict[tuple[str, str], dict[str, list[int]]] = {}
-    for key, (dtype, shape) in weights.items():
-        m = _LORA_KEY.match(key)
-        if m is None or m["component"] not in params.components():
-            raise HubError(f"{label}: tensor {key!r} is not a LoRA key of this config "
-                           f"(<{'|'.join(params.components())}>.<module>.lora_A|B.weight); re-save the adapter")
-        targets = params.unet_targets if m["component"] == "unet" else params.text_targets
-        if not any(m["module"] == t or m["module"].endswith("." + t) for t in targets):
-            raise HubError(f"{label}: tensor {key!r} adapts a module outside the config's targets {list(targets)}; "
-                           "re-save the adapter")
-        if len(shape) != 2 or dtype not in _FLOAT_DTYPES:
-            raise HubError(f"{label}: tensor {key!r} is {dtype} {shape}, expected a floating-point matrix; re-save it")
-        pairs.setdefault((m["component"], m["module"]), {})[m["ab"]] = shape
-    for (component, module), ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise HubError(f"{label}: {component}.{module} has lora_{''.join(ab)} but not its partner; re-save it")
-        if ab["A"][0] != params.rank or ab["B"][1] != params.rank:
-            raise HubError(f"{label}: {component}.{module} has rank {ab['A'][0]}/{ab['B'][1]} (lora_A/lora_B), the "
-                           f"config says rank {params.rank}; re-save the adapter")
-    for component in params.components():
-        if not any(c == component for c, _ in pairs):
-            raise HubError(f"{label}: no {component} LoRA tensors, but the config adapts the {component}; re-save it")
-
-
 def check_adapter_folder(folder: str | os.PathLike, label: str | None = None):
-    """Validate an adapter folder without a pipeline; return its AdapterConfig.
-
-    Checks: no pickle files anywhere, adapter_config.json valid (store.read_adapter_config), every
-    *.safetensors parses, the weights' keys and shapes agree with the config (soft prompt [n x D]; LoRA
-    A [r x in] / B [out x r] pairs on the configured targets). What needs the backbone (the fingerprint,
-    exact module shapes) is load_adapter's job: pass `backbone=` to `pull`."""
+    """`adapters.validate.check_adapter_folder` (the one pipeline-free check of an adapter folder, also
+    run by `registry add` and `load_adapter`), its refusals as HubErrors naming `label`."""
     from ..adapters.errors import AdapterError
-    from ..adapters.store import PICKLE_SUFFIXES, WEIGHTS_NAME, read_adapter_config
+    from ..adapters.validate import check_adapter_folder as check
 
-    folder = Path(folder)
-    label = label or str(folder)
-    if not folder.is_dir():
-        raise HubError(f"{label} is not a folder; pass an adapter folder written by save_adapter")
-    pickles = [rel for rel in _local_files(folder) if Path(rel).suffix.lower() in PICKLE_SUFFIXES]
-    if pickles:
-        raise HubError(f"{label}/{pickles[0]} is a pickle file; adapters are shared as safetensors only (pickle can "
-                       "run code) -- delete it, or convert it to safetensors and re-save the adapter")
     try:
-        config = read_adapter_config(folder)
+        return check(folder, label=label, skip=_NOT_PUSHED + (CHECKSUMS_NAME,))
     except AdapterError as e:
-        raise HubError(str(e).replace(str(folder), label)) from None
-    headers = {rel: _safetensors_header(folder / rel, f"{label}/{rel}")
-               for rel in _local_files(folder) if rel.endswith(".safetensors")}
-    if WEIGHTS_NAME not in headers:
-        raise HubError(f"{label}/{WEIGHTS_NAME} is missing: the adapter has no weights -- re-save it with save_adapter")
-    weights = headers.pop(WEIGHTS_NAME)
-    params = config.params_config()
-    if config.kind == "soft-prompt":
-        _check_soft_prompt(params, weights, headers, f"{label}/{WEIGHTS_NAME}")
-    else:
-        _check_lora(params, weights, f"{label}/{WEIGHTS_NAME}")
-    return config
+        raise HubError(str(e)) from None
 
 
 def _check_on_backbone(folder: Path, backbone, label: str) -> None:

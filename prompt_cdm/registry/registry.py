@@ -151,11 +151,12 @@ class Registry:
     # -- sources ----------------------------------------------------------------------------------
 
     def add(self, name: str, adapter_dir: str | os.PathLike, manifest: str | os.PathLike | None = None) -> dict:
-        """Copy an adapter folder in as source `name`, after validating it: a well-formed
-        adapter_config.json, readable safetensors weights and no pickle files, trained on this
+        """Copy an adapter folder in as source `name`, after validating it (`adapters.validate`, the check
+        hub push and pull run too: config, weights' keys, shapes and values, no pickle files), trained on this
         registry's backbone (fingerprint), not on forgotten data, no name/placeholder clash."""
         from ..adapters.errors import AdapterError
-        from ..adapters.store import CONFIG_NAME, WEIGHTS_NAME, _check_folder, _read_weights, read_adapter_config
+        from ..adapters.store import CONFIG_NAME
+        from ..adapters.validate import check_adapter_folder
 
         _check_name(name, "source")
         src = Path(adapter_dir)
@@ -166,9 +167,7 @@ class Registry:
             raise RegistryError(f"{name!r} names a forgotten source; names are not reused (so verify can keep "
                                 "proving it is gone) -- pick another name")
         try:
-            _check_folder(src)
-            cfg = read_adapter_config(src)
-            _read_weights(src / WEIGHTS_NAME)
+            cfg = check_adapter_folder(src)
         except AdapterError as e:
             raise RegistryError(f"cannot add {name!r}: {e}") from None
         fp = self.data["backbone"]["fingerprint"]

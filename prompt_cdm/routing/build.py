@@ -13,7 +13,7 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
     """OUT/registry with every domain's adapter, cached latents and the routers of `kinds` (the classifier,
     the ratio heads and their reference set)."""
     from ..registry.registry import REFERENCE, Registry
-    from .routers import CACHE_FILE, CAPTION_STATS, TrainConfig, cache_caption_stats, cache_latents, train_router
+    from .routers import CACHE_FILE, CAPTION_STATS, RouterTrainConfig, cache_caption_stats, cache_latents, train_router
     from ..world.dataset import render_domain
 
     folder = out / "registry"
@@ -32,7 +32,7 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
         if not (ref / "metadata.jsonl").is_file():
             render_domain("base", n_ref, ref, seed=7)
         cache_latents(reg, None, pipe, ref)
-    cfg = TrainConfig(steps=router_steps)
+    cfg = RouterTrainConfig(steps=router_steps)
     abar = pipe.scheduler.alphas_cumprod
     if "classifier" in kinds and ("classifier" not in reg.routers or reg.router("classifier").get("stale")):
         report["classifier"] = train_router(reg, "classifier", abar, cfg, domains)

@@ -95,27 +95,38 @@ class RouterNet(nn.Module):
 # ---------------------------------------------------------------- cached latents
 
 
+def _open(folder, name: str | None):
+    """The data at `folder` through the one data-source reader (imagefolder with metadata.jsonl or .csv,
+    or datasets:NAME), as training reads it; its refusals become RegistryErrors."""
+    from ..data.sources import SourceError, open_source
+
+    try:
+        return open_source(folder, source_id=name or REFERENCE)
+    except SourceError as e:
+        raise RegistryError(str(e)) from None
+
+
 @torch.no_grad()
-def encode_imagefolder(pipe, folder, batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """An imagefolder (images + metadata.jsonl) -> {latents [M x C x h x w] (scaled as the UNet sees
-    them: the VAE posterior mean times scaling_factor), context [M x D] (mean-pooled caption embedding
-    of the frozen text encoder)}."""
+def encode_imagefolder(pipe, folder, batch_size: int = 32, name: str | None = None) -> dict[str, torch.Tensor]:
+    """A source's data (an imagefolder, or any spec `data.sources.open_source` reads) -> {latents
+    [M x C x h x w] (scaled as the UNet sees them: the VAE posterior mean times scaling_factor), context
+    [M x D] (mean-pooled caption embedding of the frozen text encoder)}, items in the reader's order."""
     import numpy as np
-    from PIL import Image
 
     from ..compose.text import encode_prompts
-    from ..world.dataset import read_imagefolder
+    from ..data.sources import SourceError
 
-    rows = read_imagefolder(folder)
-    if not rows:
-        raise RegistryError(f"{folder}/metadata.jsonl lists no image")
+    source = _open(folder, name)
     lat, ctx = [], []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s: s + batch_size]
-        imgs = np.stack([np.asarray(Image.open(f"{folder}/{r['file_name']}").convert("RGB")) for r in chunk])
+    for s in range(0, len(source), batch_size):
+        idx = range(s, min(s + batch_size, len(source)))
+        try:
+            imgs = np.stack([np.asarray(source.image(i)) for i in idx])
+        except SourceError as e:
+            raise RegistryError(str(e)) from None
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         lat.append(pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)
-        ctx.append(encode_prompts(pipe, [r["text"] for r in chunk]).mean(dim=1))
+        ctx.append(encode_prompts(pipe, [source.items[i].text for i in idx]).mean(dim=1))
     return {LATENTS: torch.cat(lat).float(), CONTEXT: torch.cat(ctx).float()}
 
 
@@ -128,20 +139,18 @@ def cache_latents(registry: Registry, name: str | None, pipe, folder) -> str:
         raise RegistryError("the pipeline is not the registry's backbone; load "
                             f"{registry.backbone['name']} to cache latents")
     path = (registry.cache_dir(name) if name is not None else registry.folder / REFERENCE) / CACHE_FILE
-    save_safetensors(path, encode_imagefolder(pipe, folder))
+    save_safetensors(path, encode_imagefolder(pipe, folder, name=name))
     if name is not None:
         cache_caption_stats(registry, name, pipe.tokenizer, folder)
     return str(path.relative_to(registry.folder))
 
 
 def folder_caption_stats(tokenizer, folder):
-    """caption_prior.CaptionStats of an imagefolder's captions (metadata.jsonl `text`)."""
+    """caption_prior.CaptionStats of a source's captions (an imagefolder's metadata `text`, read by
+    `data.sources.open_source`)."""
     from ..core.caption_prior import caption_stats, content_ids
-    from ..world.dataset import read_imagefolder
 
-    captions = [r["text"] for r in read_imagefolder(folder)]
-    if not captions:
-        raise RegistryError(f"{folder}/metadata.jsonl lists no caption")
+    captions = _open(folder, None).captions
     return caption_stats(content_ids(tokenizer, captions), tokenizer.vocab_size)
 
 
@@ -207,7 +216,7 @@ def reference_cache(registry: Registry) -> dict[str, torch.Tensor]:
 
 
 @dataclass
-class TrainConfig:
+class RouterTrainConfig:
     # small: the heads read 4 x 16 x 16 latents; CPU minutes, not hours
     steps: int = field(default=400, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=64, metadata={"help": "noised latents per source (and reference) per step"})
@@ -230,7 +239,7 @@ def _noised(data: dict[str, torch.Tensor], abar: torch.Tensor, k: int, g: torch.
     return xt, t, data[CONTEXT][idx]
 
 
-def _fit(net: torch.nn.Module, step_loss, cfg: TrainConfig) -> dict:
+def _fit(net: torch.nn.Module, step_loss, cfg: RouterTrainConfig) -> dict:
     """Adam on `step_loss()` for cfg.steps steps; freezes the net; returns the training report."""
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     t0, losses = time.perf_counter(), []
@@ -246,7 +255,7 @@ def _fit(net: torch.nn.Module, step_loss, cfg: TrainConfig) -> dict:
 
 
 def train_classifier(data: Sequence[dict[str, torch.Tensor]], alphas_cumprod: torch.Tensor,
-                     cfg: TrainConfig = TrainConfig()) -> tuple[RouterNet, dict]:
+                     cfg: RouterTrainConfig = RouterTrainConfig()) -> tuple[RouterNet, dict]:
     """The n-way noise-aware classifier on every source's cached latents (balanced batches, so its
     logits need no train-prior correction). Returns (net, report)."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -266,7 +275,7 @@ def train_classifier(data: Sequence[dict[str, torch.Tensor]], alphas_cumprod: to
 
 
 def train_ratio_head(source: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                     alphas_cumprod: torch.Tensor, cfg: TrainConfig = TrainConfig()) -> tuple[RouterNet, dict]:
+                     alphas_cumprod: torch.Tensor, cfg: RouterTrainConfig = RouterTrainConfig()) -> tuple[RouterNet, dict]:
     """One source's head h(x_t, t, c) ~ log p_source / p_ref, from its latents and the reference set only."""
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -283,7 +292,7 @@ def train_ratio_head(source: dict[str, torch.Tensor], reference: dict[str, torch
     return net, _fit(net, step_loss, cfg)
 
 
-def train_router(registry: Registry, kind: str, alphas_cumprod: torch.Tensor, cfg: TrainConfig = TrainConfig(),
+def train_router(registry: Registry, kind: str, alphas_cumprod: torch.Tensor, cfg: RouterTrainConfig = RouterTrainConfig(),
                  sources: Sequence[str] | None = None) -> dict[str, dict]:
     """Train and store routers from the registry's cached latents -> {artifact: report}.
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..util import checkpoint
 from ..util.config import to_dict
 from ..util.io import atomic_path, write_json, write_jsonl
-from ..data.sources import Source, SourceError
+from ..data.sources import DataSource, SourceError
 
 KINDS = ("lora", "soft-prompt")
 WORK_SUFFIX = ".train"
@@ -268,7 +268,7 @@ ENCODE_PIXELS = 16 * 64 * 64
 
 
 @torch.no_grad()
-def encode_latents(pipe, source: Source, resolution: int, batch: int | None = None,
+def encode_latents(pipe, source: DataSource, resolution: int, batch: int | None = None,
                    progress: bool | None = None) -> torch.Tensor:
     """[N x C x h x w] scaled VAE posterior means of every item (the backbone's training input)."""
     from tqdm.auto import tqdm
@@ -302,7 +302,7 @@ def _text_states(pipe, prompts: list[str], batch: int = 64) -> torch.Tensor:
                       for s in range(0, len(prompts), batch)])
 
 
-def build_cache(pipe, source: Source, cfg: TrainConfig, prompt: Callable[[str], str], uncond: str,
+def build_cache(pipe, source: DataSource, cfg: TrainConfig, prompt: Callable[[str], str], uncond: str,
                 progress: bool | None = None) -> dict[str, torch.Tensor]:
     """{"latents": [N x C x h x w], "text": [N x 77 x D] | "ids": [N x 77], "uncond_text" | "uncond_ids"}."""
     res = cfg.resolution or native_resolution(pipe)
@@ -490,7 +490,7 @@ def _spread(items: list[str], k: int) -> list[str]:
     return [items[round(i * (len(items) - 1) / max(1, k - 1))] for i in range(k)]
 
 
-def train_adapter(source: Source, pipe, cfg: TrainConfig, out: str | os.PathLike, *, base_model: str | None = None,
+def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.PathLike, *, base_model: str | None = None,
                   overwrite: bool = False, cache_dir: str | os.PathLike | None = None,
                   on_step: Callable[[int, float], None] | None = None, progress: bool | None = None) -> TrainResult:
     """Train `source`'s adapter on the frozen `pipe` and write it to `out` with `save_adapter`.

@@ -10,6 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# Files that unpickle (or, for numpy arrays, may) when loaded: prompt_cdm refuses them wherever it reads
+# weights or data (adapter folders, hub uploads and downloads, backbone folders, source folders)
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz")
+
+
+def is_pickle_name(name) -> bool:
+    """Whether a file name carries one of PICKLE_SUFFIXES (case-insensitive)."""
+    return os.path.splitext(str(name))[1].lower() in PICKLE_SUFFIXES
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:

@@ -16,7 +16,7 @@ from prompt_cdm.adapters import LoraAdapter, LoraAdapterConfig, SoftPromptConfig
 from prompt_cdm.adapters import lora, soft_prompt
 from prompt_cdm.core.attribution import TraceRecorder
 from prompt_cdm.cli import main
-from prompt_cdm.compose.denoiser import ComposedDenoiser, Source
+from prompt_cdm.compose.denoiser import ComposedDenoiser, ComposedSource
 from prompt_cdm.compose.pipeline import build_estimator, compose_images
 from prompt_cdm.compose.request import ComposeError, lambdas_for, parse_lambdas
 from prompt_cdm.estimators import ItoEstimator, get_estimator
@@ -280,7 +280,7 @@ def test_refusals(pipe, handles):
     with pytest.raises(ComposeError, match="uncond"):
         ComposedDenoiser(pipe, [handles["a"]], CAPTIONS, get_estimator("uniform"), _scheduler(pipe), uncond="none")
     with pytest.raises(ComposeError, match="no LoRA adapter named"):
-        ComposedDenoiser(pipe, [Source("z", "lora", "zz")], CAPTIONS, get_estimator("uniform"),
+        ComposedDenoiser(pipe, [ComposedSource("z", "lora", "zz")], CAPTIONS, get_estimator("uniform"),
                          _scheduler(pipe))(torch.zeros(2, 4, 16, 16), 999)
     with pytest.raises(ComposeError, match="unknown router 'magic'"):
         build_estimator("magic", ["a"])

@@ -96,14 +96,14 @@ def test_wen_score_first_step_equals_direct_unet_calls(pipe):
 @pytest.fixture()
 def soft_prompts(pipe):
     from prompt_cdm.adapters import SoftPromptConfig, soft_prompt
-    from prompt_cdm.compose.denoiser import Source
+    from prompt_cdm.compose.denoiser import ComposedSource
 
     made = []
     for k, ph in enumerate(["<mem-a>", "<mem-b>"]):
         sp = soft_prompt.create(pipe, SoftPromptConfig(ph, 2, init_word="star"))
         sp.embeds = sp.embeds + torch.randn(sp.embeds.shape, generator=torch.Generator().manual_seed(k))
         soft_prompt.apply(pipe, sp)
-        made.append(Source(ph.strip("<>"), "soft-prompt", ph))
+        made.append(ComposedSource(ph.strip("<>"), "soft-prompt", ph))
     yield made
     for s in made:
         soft_prompt.remove(pipe, s.handle)

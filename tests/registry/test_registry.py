@@ -241,14 +241,14 @@ def _synthetic_cache(reg, name, mean, g, m=64):
 def test_routers_train_from_caches_route_and_forget(pipe, adapters, tmp_path):
     from prompt_cdm.compose.pipeline import build_estimator
     from prompt_cdm.compose.request import ComposeError
-    from prompt_cdm.routing.routers import TrainConfig, train_router
+    from prompt_cdm.routing.routers import RouterTrainConfig, train_router
 
     reg = _filled(tmp_path, pipe, adapters)
     g = torch.Generator().manual_seed(0)
     for name, mean in (("a", 1.5), ("b", -1.5), ("c", 0.0), (None, 0.0)):
         _synthetic_cache(reg, name, mean, g)
     abar = pipe.scheduler.alphas_cumprod
-    cfg = TrainConfig(steps=60, batch_size=32, use_context=False)
+    cfg = RouterTrainConfig(steps=60, batch_size=32, use_context=False)
     with pytest.raises(RegistryError, match="no router"):
         build_estimator("ratio", ["a", "b"], heads=reg.heads)
     rep = train_router(reg, "classifier", abar, cfg)
