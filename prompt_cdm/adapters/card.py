@@ -9,8 +9,10 @@ import yaml
 
 def front_matter(kind: str, source_id: str, base_model: str, license: str, placeholder: str | None) -> dict[str, Any]:
     """The Hub metadata block: base_model, library_name, license, tags (kind, source:<id>), trigger word."""
+    from .kinds import get_kind
+
     tags = ["prompt_cdm", "compartmentalized-diffusion", "text-to-image", "stable-diffusion", "diffusers", kind,
-            "textual_inversion" if kind == "soft-prompt" else "lora", f"source:{source_id}"]
+            get_kind(kind).hub_tag, f"source:{source_id}"]
     meta: dict[str, Any] = {"base_model": base_model, "library_name": "prompt_cdm", "license": license,
                             "pipeline_tag": "text-to-image", "tags": tags}
     if placeholder:
@@ -32,7 +34,9 @@ def render(config, figures: dict[str, Any] | None, license: str, samples_file: s
     placeholder = config.params.get("placeholder") if config.kind == "soft-prompt" else None
     meta = front_matter(config.kind, config.source_id, config.base_model, license, placeholder)
     head = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
-    what = "soft prompt" if config.kind == "soft-prompt" else "LoRA"
+    from .kinds import get_kind
+
+    what = get_kind(config.kind).title
     example = "a red star"
     if config.kind == "soft-prompt":
         ours_prompt = f'handle.prompt("{example}")  # "{placeholder} {example}"'
@@ -73,9 +77,7 @@ def render(config, figures: dict[str, Any] | None, license: str, samples_file: s
         parts.append(f"## Samples\n\n![samples]({samples_file})\n")
     parts.append("## Files\n\n- `adapter_config.json`: kind, hyper-parameters, source, backbone fingerprint, "
                  "data hash, training config\n- `adapter_model.safetensors`: the weights (prompt_cdm keys)\n"
-                 + ("- `learned_embeds.safetensors`: the same rows for `load_textual_inversion`\n"
-                    if config.kind == "soft-prompt" else
-                    "- `pytorch_lora_weights.safetensors`: the same weights for `load_lora_weights`\n"))
+                 + f"- `{get_kind(config.kind).diffusers_file}`: {get_kind(config.kind).diffusers_note}\n")
     return "\n".join(parts)
 
 

@@ -32,21 +32,19 @@ except ImportError:  # an editable install made before prompt_cdm/__init__.py ex
 
     __version__ = _version("prompt-cdm")
 from ..util.config import ConfigError, from_dict, to_dict
-from ..util.io import atomic_path, read_json, replace_dir, save_image, save_safetensors, write_json, write_text
-from . import card, lora, soft_prompt
+from ..util.io import read_json, replace_dir, save_image, save_safetensors, write_json, write_text
+from . import card
 from .errors import AdapterError
+from .kinds import KINDS, get_kind, kind_of
+from .kinds import LORA_DIFFUSERS_NAME, SOFT_PROMPT_DIFFUSERS_NAME, SOFT_PROMPT_KEY  # noqa: F401 (the folder's names)
 from .lora import LoraAdapter, LoraAdapterConfig
 from .soft_prompt import SoftPrompt, SoftPromptConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-LORA_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
-SOFT_PROMPT_DIFFUSERS_NAME = "learned_embeds.safetensors"
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
-SOFT_PROMPT_KEY = "soft_prompt.embeds"
-
-PARAMS = {"soft-prompt": SoftPromptConfig, "lora": LoraAdapterConfig}  # kind -> hyper-parameter dataclass
+PARAMS = {name: k.params for name, k in KINDS.items()}  # kind -> hyper-parameter dataclass
 _SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
@@ -102,13 +100,11 @@ class LoadedAdapter:
 
     def prompt(self, caption: str) -> str:
         """The conditional prompt for `caption`: a soft prompt's placeholder prefixes it; a LoRA keeps it."""
-        return f"{self.name} {caption}" if self.kind == "soft-prompt" else caption
+        return get_kind(self.kind).row_prompt(self.name, caption)
 
     def remove(self) -> SoftPrompt | LoraAdapter:
         """Take the adapter off the pipeline (exactly restoring it when this was the last one applied)."""
-        if self.kind == "soft-prompt":
-            return soft_prompt.remove(self.pipe, self.name)
-        return lora.remove(self.pipe, self.name)
+        return get_kind(self.kind).remove(self.pipe, self.name)
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -142,29 +138,6 @@ def backbone_fingerprint(pipe) -> str:
 # ---------------------------------------------------------------- saving
 
 
-def _weights(adapter: SoftPrompt | LoraAdapter) -> tuple[str, dict[str, torch.Tensor], dict]:
-    if isinstance(adapter, SoftPrompt):
-        embeds = adapter.embeds.detach().to(torch.float32).cpu()
-        return "soft-prompt", {SOFT_PROMPT_KEY: embeds}, to_dict(adapter.config)
-    if isinstance(adapter, LoraAdapter):
-        tensors = {k: v.detach().to(torch.float32).cpu() for k, v in adapter.tensors.items()}
-        return "lora", tensors, to_dict(adapter.config)
-    raise TypeError(f"save_adapter takes a SoftPrompt or a LoraAdapter, got {type(adapter).__name__}")
-
-
-def _write_diffusers_lora(folder: Path, adapter: LoraAdapter) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    sds, meta = adapter.diffusers_state_dicts(), adapter.diffusers_metadata()
-    with atomic_path(folder / LORA_DIFFUSERS_NAME) as tmp:
-        # diffusers' own writer, so keys and the rank/alpha metadata are exactly what load_lora_weights reads
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(tmp.parent), weight_name=tmp.name, safe_serialization=True,
-            unet_lora_layers=sds["unet"], text_encoder_lora_layers=sds.get("text_encoder"),
-            unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
-        )
-
-
 def save_adapter(
     folder: str | os.PathLike,
     adapter: SoftPrompt | LoraAdapter,
@@ -187,7 +160,8 @@ def save_adapter(
     `figures` (e.g. {"steps": 500, "final loss": 0.08}) become a table in README.md;
     `sample_grid` (a PIL image) is saved as samples.png."""
     folder = Path(folder)
-    kind, tensors, params = _weights(adapter)
+    kind_impl = kind_of(adapter)
+    kind, tensors, params = kind_impl.name, kind_impl.state(adapter), to_dict(adapter.config)
     if fingerprint is None:
         if pipe is None:
             raise AdapterError("save_adapter needs the pipeline (or fingerprint=...) to record the backbone")
@@ -215,10 +189,7 @@ def save_adapter(
         os.chmod(tmp, 0o777 & ~umask)
         write_json(tmp / CONFIG_NAME, to_dict(config))
         save_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt", "prompt_cdm_kind": kind})
-        if kind == "soft-prompt":
-            save_safetensors(tmp / SOFT_PROMPT_DIFFUSERS_NAME, adapter.learned_embeds())
-        else:
-            _write_diffusers_lora(tmp, adapter)
+        kind_impl.export(tmp, adapter)  # the diffusers-loadable copy
         if sample_grid is not None:
             save_image(tmp / SAMPLES_NAME, sample_grid)
         write_text(tmp / CARD_NAME, card.render(config, figures, license, SAMPLES_NAME if sample_grid is not None
@@ -300,19 +271,7 @@ def load_adapter(folder: str | os.PathLike, pipe, name: str | None = None) -> Lo
         )
     params = config.params_config()
     try:
-        if config.kind == "soft-prompt":
-            if set(tensors) != {SOFT_PROMPT_KEY}:
-                raise AdapterError(f"a soft prompt's weights are one tensor {SOFT_PROMPT_KEY!r}, "
-                                   f"found {sorted(tensors)}")
-            sp = SoftPrompt(params, tensors[SOFT_PROMPT_KEY])
-            soft_prompt.check_fits(pipe, sp)
-            soft_prompt.apply(pipe, sp)
-            name = params.placeholder
-        else:
-            name = name or config.source_id
-            adapter = LoraAdapter(params, tensors)
-            lora.check_fits(pipe, adapter, name)
-            lora.apply(pipe, adapter, name)
+        name = get_kind(config.kind).apply(pipe, params, tensors, name or config.source_id)
     except AdapterError as e:
         raise AdapterError(f"{weights_path}: {e}") from None
     if getattr(pipe, "backbone_fingerprint", None) is None:

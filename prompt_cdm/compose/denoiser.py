@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..adapters.kinds import KINDS as ADAPTER_KINDS
+from ..adapters.kinds import get_kind
 from ..adapters.lora import BASE, lora_layers
 from ..adapters.lora import route_rows as _route_rows
 from ..estimators import MixOutput, WeightEstimator, mix_step
@@ -38,7 +40,7 @@ from .request import UNCOND_MODES, ComposeError
 
 # "plain": the backbone as it stands, nothing routed (an adapter merged into it or active on it applies to
 # every row) -- composed alone it is plain text-to-image, the n = 1 case of the one loop
-KINDS = ("lora", "soft-prompt", "plain")
+KINDS = (*ADAPTER_KINDS, "plain")
 PLAIN = "backbone"  # the trace name of the plain backbone as a source
 
 
@@ -67,16 +69,16 @@ class ComposedSource:
     @classmethod
     def from_adapter(cls, loaded) -> "ComposedSource":
         """From a `store.LoadedAdapter` (what `load_adapter` returns)."""
-        text = loaded.kind == "lora" and bool(loaded.config.params.get("text_encoder", False))
+        text = get_kind(loaded.kind).text_adapter(loaded.name, loaded.config.params) != BASE
         return cls(loaded.config.source_id, loaded.kind, loaded.name, text)
 
     def prompt(self, caption: str) -> str:
         """The conditional prompt: a soft prompt's placeholder prefixes the caption; a LoRA keeps it."""
-        return f"{self.handle} {caption}" if self.kind == "soft-prompt" else caption
+        return caption if self.kind == "plain" else get_kind(self.kind).row_prompt(self.handle, caption)
 
     @property
     def unet_adapter(self) -> str:
-        return self.handle if self.kind == "lora" else BASE
+        return BASE if self.kind == "plain" else get_kind(self.kind).unet_adapter(self.handle)
 
     @property
     def text_adapter(self) -> str:

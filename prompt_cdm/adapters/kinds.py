@@ -1,0 +1,202 @@
+"""Adapter kinds behind one interface, registered by name (STYLE.md habit 6: registries, not if-chains).
+
+An adapter kind says everything the rest of the package needs to know about it:
+    params / data        its hyper-parameter dataclass and its in-memory weights class
+    create / apply / remove / read_back   on a pipeline (lora.py, soft_prompt.py do the work)
+    state / from_state   the tensors of adapter_model.safetensors and back
+    export               the diffusers-loadable copy beside them (diffusers' own file format)
+    check_weights        the pipeline-free key / shape check of the validator (validate.py)
+    row_prompt / unet_adapter / text_adapter   what one row of the composed batch carries
+    title / hub_tag / diffusers_file          how its model card and file list name it
+Adding a kind is one module with its mechanics plus one entry in KINDS.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from . import lora, soft_prompt
+from .errors import AdapterError
+from .lora import BASE, LoraAdapter, LoraAdapterConfig
+from .soft_prompt import SoftPrompt, SoftPromptConfig
+
+SOFT_PROMPT_KEY = "soft_prompt.embeds"
+LORA_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
+SOFT_PROMPT_DIFFUSERS_NAME = "learned_embeds.safetensors"
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_LORA_KEY = re.compile(r"^(?P<component>unet|text_encoder)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+class AdapterKind:
+    """The interface; see the module docstring."""
+
+    name: str
+    params: type
+    data: type
+    title: str
+    hub_tag: str
+    diffusers_file: str
+    diffusers_note: str
+
+    def create(self, pipe, params, generator: torch.Generator | None = None):
+        raise NotImplementedError
+
+    def apply(self, pipe, params, tensors: dict[str, torch.Tensor], name: str) -> str:
+        """Check the weights fit `pipe`, apply them; return the handle (LoRA name / placeholder)."""
+        raise NotImplementedError
+
+    def remove(self, pipe, handle: str):
+        raise NotImplementedError
+
+    def state(self, adapter) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def export(self, folder: Path, adapter) -> None:
+        raise NotImplementedError
+
+    def check_weights(self, params, weights: dict, others: dict, label: str) -> None:
+        """`weights`: {key: (dtype, shape)} of adapter_model.safetensors; `others`: the folder's other
+        safetensors files' headers by name."""
+        raise NotImplementedError
+
+    def row_prompt(self, handle: str, caption: str) -> str:
+        return caption
+
+    def unet_adapter(self, handle: str) -> str:
+        return BASE
+
+    def text_adapter(self, handle: str, params: dict) -> str:
+        return BASE
+
+
+class LoraKind(AdapterKind):
+    name, params, data = "lora", LoraAdapterConfig, LoraAdapter
+    title, hub_tag, diffusers_file = "LoRA", "lora", LORA_DIFFUSERS_NAME
+    diffusers_note = "the same weights for `load_lora_weights`"
+
+    def create(self, pipe, params, generator=None):
+        return lora.create(pipe, params, generator)
+
+    def apply(self, pipe, params, tensors, name):
+        adapter = LoraAdapter(params, tensors)
+        lora.check_fits(pipe, adapter, name)
+        lora.apply(pipe, adapter, name)
+        return name
+
+    def remove(self, pipe, handle):
+        return lora.remove(pipe, handle)
+
+    def state(self, adapter):
+        return {k: v.detach().to(torch.float32).cpu() for k, v in adapter.tensors.items()}
+
+    def export(self, folder, adapter):
+        from diffusers import StableDiffusionPipeline
+
+        from ..util.io import atomic_path
+
+        sds, meta = adapter.diffusers_state_dicts(), adapter.diffusers_metadata()
+        with atomic_path(folder / LORA_DIFFUSERS_NAME) as tmp:
+            # diffusers' own writer, so keys and the rank/alpha metadata are exactly what load_lora_weights reads
+            StableDiffusionPipeline.save_lora_weights(
+                save_directory=str(tmp.parent), weight_name=tmp.name, safe_serialization=True,
+                unet_lora_layers=sds["unet"], text_encoder_lora_layers=sds.get("text_encoder"),
+                unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
+            )
+
+    def check_weights(self, params, weights, others, label):
+        pairs: dict[tuple[str, str], dict[str, list[int]]] = {}
+        for key, (dtype, shape) in weights.items():
+            m = _LORA_KEY.match(key)
+            if m is None or m["component"] not in params.components():
+                raise AdapterError(f"{label}: tensor {key!r} is not a LoRA key of this config "
+                                   f"(<{'|'.join(params.components())}>.<module>.lora_A|B.weight); re-save the adapter")
+            targets = params.unet_targets if m["component"] == "unet" else params.text_targets
+            if not any(m["module"] == t or m["module"].endswith("." + t) for t in targets):
+                raise AdapterError(f"{label}: tensor {key!r} adapts a module outside the config's targets "
+                                   f"{list(targets)}; re-save the adapter")
+            if len(shape) != 2 or dtype not in _FLOAT_DTYPES:
+                raise AdapterError(f"{label}: tensor {key!r} is {dtype} {shape}, expected a floating-point matrix; "
+                                   "re-save it")
+            pairs.setdefault((m["component"], m["module"]), {})[m["ab"]] = shape
+        for (component, module), ab in sorted(pairs.items()):
+            if set(ab) != {"A", "B"}:
+                raise AdapterError(f"{label}: {component}.{module} has lora_{''.join(ab)} but not its partner; "
+                                   "re-save it")
+            if ab["A"][0] != params.rank or ab["B"][1] != params.rank:
+                raise AdapterError(f"{label}: {component}.{module} has rank {ab['A'][0]}/{ab['B'][1]} "
+                                   f"(lora_A/lora_B), the config says rank {params.rank}; re-save the adapter")
+        for component in params.components():
+            if not any(c == component for c, _ in pairs):
+                raise AdapterError(f"{label}: no {component} LoRA tensors, but the config adapts the {component}; "
+                                   "re-save it")
+
+    def unet_adapter(self, handle):
+        return handle
+
+    def text_adapter(self, handle, params):
+        return handle if params.get("text_encoder", False) else BASE
+
+
+class SoftPromptKind(AdapterKind):
+    name, params, data = "soft-prompt", SoftPromptConfig, SoftPrompt
+    title, hub_tag, diffusers_file = "soft prompt", "textual_inversion", SOFT_PROMPT_DIFFUSERS_NAME
+    diffusers_note = "the same rows for `load_textual_inversion`"
+
+    def create(self, pipe, params, generator=None):
+        return soft_prompt.create(pipe, params, generator)
+
+    def apply(self, pipe, params, tensors, name):
+        if set(tensors) != {SOFT_PROMPT_KEY}:
+            raise AdapterError(f"a soft prompt's weights are one tensor {SOFT_PROMPT_KEY!r}, found {sorted(tensors)}")
+        sp = SoftPrompt(params, tensors[SOFT_PROMPT_KEY])
+        soft_prompt.check_fits(pipe, sp)
+        soft_prompt.apply(pipe, sp)
+        return params.placeholder
+
+    def remove(self, pipe, handle):
+        return soft_prompt.remove(pipe, handle)
+
+    def state(self, adapter):
+        return {SOFT_PROMPT_KEY: adapter.embeds.detach().to(torch.float32).cpu()}
+
+    def export(self, folder, adapter):
+        from ..util.io import save_safetensors
+
+        save_safetensors(folder / SOFT_PROMPT_DIFFUSERS_NAME, adapter.learned_embeds())
+
+    def check_weights(self, params, weights, others, label):
+        if set(weights) != {SOFT_PROMPT_KEY}:
+            raise AdapterError(f"{label}: a soft prompt's weights are one tensor {SOFT_PROMPT_KEY!r}, found "
+                               f"{sorted(weights)}; re-save the adapter with save_adapter")
+        dtype, shape = weights[SOFT_PROMPT_KEY]
+        if len(shape) != 2 or shape[0] != params.num_vectors or shape[1] < 1 or dtype not in _FLOAT_DTYPES:
+            raise AdapterError(f"{label}: {SOFT_PROMPT_KEY} is {dtype} {shape}, the config implies floating point "
+                               f"[num_vectors={params.num_vectors} x D]; re-save the adapter with save_adapter")
+        te = others.get(SOFT_PROMPT_DIFFUSERS_NAME)  # optional copy for pipe.load_textual_inversion
+        if te is not None and (set(te) != {params.placeholder} or te[params.placeholder][1] != shape):
+            found = {k: v[1] for k, v in te.items()}
+            raise AdapterError(f"{label.rsplit('/', 1)[0]}/{SOFT_PROMPT_DIFFUSERS_NAME}: expected one tensor "
+                               f"{params.placeholder!r} of shape {shape} (the soft prompt's rows), found {found}; "
+                               "re-save the adapter with save_adapter")
+
+    def row_prompt(self, handle, caption):
+        return f"{handle} {caption}"  # the placeholder prefixes the caption
+
+
+KINDS: dict[str, AdapterKind] = {k.name: k for k in (LoraKind(), SoftPromptKind())}
+
+
+def get_kind(name: str) -> AdapterKind:
+    if name not in KINDS:
+        raise AdapterError(f"unknown adapter kind {name!r}; valid: {', '.join(KINDS)}")
+    return KINDS[name]
+
+
+def kind_of(adapter) -> AdapterKind:
+    """The kind of an in-memory adapter (a SoftPrompt or a LoraAdapter)."""
+    for k in KINDS.values():
+        if isinstance(adapter, k.data):
+            return k
+    raise TypeError(f"save_adapter takes a SoftPrompt or a LoraAdapter, got {type(adapter).__name__}")
