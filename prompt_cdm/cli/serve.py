@@ -1,0 +1,91 @@
+"""`prompt-cdm serve` and `prompt-cdm keys ...`: the HTTP service and its API keys."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import UsageError, _load_backbone_quietly
+
+
+def cmd_serve(a) -> None:
+    from ..registry.registry import Registry
+    from ..serve.app import ServeConfig, create_app, run
+
+    reg = Registry(a.registry)
+    try:
+        cfg = ServeConfig(max_steps=a.max_steps, max_prompts=a.max_prompts, default_steps=min(25, a.max_steps),
+                          queue_size=a.queue_size, timeout_s=a.timeout, threads=a.threads)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"])
+    app = create_app(a.registry, pipe, cfg)
+    try:
+        run(app, a.host, a.port, announce=lambda line: print(line, flush=True))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
+
+
+def cmd_keys_create(a) -> None:
+    from ..serve.keys import KeyStore
+    from ..registry.registry import Registry
+
+    reg = Registry(a.registry)
+    if a.admin == (a.policy is not None):
+        raise UsageError("give exactly one of --policy NAME (a user key) or --admin (an admin key)")
+    if a.policy is not None:
+        reg.policy(a.policy)  # an unknown policy is refused here, not at the first request
+    rec, key = KeyStore(a.registry).create(policy=a.policy, admin=a.admin, note=a.note)
+    print(key)
+    what = "admin key" if rec.admin else f"key for policy {rec.policy!r}"
+    print(f"{what}, id {rec.id}: shown once, only its hash is kept", file=sys.stderr)
+
+
+def cmd_keys_revoke(a) -> None:
+    from ..serve.keys import KeyStore
+    from ..registry.registry import Registry
+
+    Registry(a.registry)
+    rec = KeyStore(a.registry).revoke(a.key_id)
+    print(f"revoked key {rec.id} ({rec.revoked})")
+
+
+def cmd_keys_list(a) -> None:
+    from ..serve.keys import KeyStore
+    from ..registry.registry import Registry
+
+    Registry(a.registry)
+    print(json.dumps([r.public() for r in KeyStore(a.registry).records()], indent=1))
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="serve a registry's compositions over HTTP, by API key (FastAPI + uvicorn)")
+    s.add_argument("--registry", required=True, metavar="DIR", help="the registry folder (keys: `prompt-cdm keys`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
+    s.add_argument("--backbone", default=None, help="default: the registry's backbone")
+    s.add_argument("--max-steps", type=int, default=50, help="sampling steps allowed per request (more: 422)")
+    s.add_argument("--max-prompts", type=int, default=8, help="prompts (images) allowed per request (more: 422)")
+    s.add_argument("--queue-size", type=int, default=16, help="requests waiting behind the running one (more: 429)")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds from acceptance to answer (then 504)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads of the worker (0: torch's default)")
+    s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="API keys of `serve`, stored hashed in the registry")
+    ks = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ks.add_parser("create", help="make a key bound to a policy (or an admin key); prints it once")
+    kc.add_argument("--registry", required=True, metavar="DIR", help="the registry folder")
+    kc.add_argument("--policy", default=None, help="the access policy whose sources the key may compose")
+    kc.add_argument("--admin", action="store_true", help="an admin key (admin endpoints only; no sources)")
+    kc.add_argument("--note", default="", help="a label shown by `keys list`")
+    kc.set_defaults(func=cmd_keys_create)
+    kr = ks.add_parser("revoke", help="revoke a key by id (a running server refuses it at once)")
+    kr.add_argument("key_id", help="the key's id (`keys list`)")
+    kr.add_argument("--registry", required=True, metavar="DIR", help="the registry folder")
+    kr.set_defaults(func=cmd_keys_revoke)
+    kl = ks.add_parser("list", help="print the keys (ids, policies, revoked; never secrets) as JSON")
+    kl.add_argument("--registry", required=True, metavar="DIR", help="the registry folder")
+    kl.set_defaults(func=cmd_keys_list)
