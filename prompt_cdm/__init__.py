@@ -17,20 +17,16 @@ The public API (imported on first use, so `import prompt_cdm` stays light):
 """
 __version__ = "0.1.0"
 
-_API = {
-    "load_backbone": ("prompt_cdm.backbone.loading", "load"),
-    "CDMPipeline": ("prompt_cdm.compose.pipeline", "CDMPipeline"),
-    "ComposeResult": ("prompt_cdm.compose.pipeline", "ComposeResult"),
-    "text_to_image": ("prompt_cdm.compose.pipeline", "text_to_image"),
-    "ComposeRequest": ("prompt_cdm.compose.request", "ComposeRequest"),
-    "ComposeError": ("prompt_cdm.compose.request", "ComposeError"),
-    "Registry": ("prompt_cdm.registry.registry", "Registry"),
-    "train_adapter": ("prompt_cdm.training.train", "train_adapter"),
-    "TrainConfig": ("prompt_cdm.training.train", "TrainConfig"),
-    "open_source": ("prompt_cdm.data.sources", "open_source"),
-    "get_estimator": ("prompt_cdm.estimators", "get_estimator"),
-    "ESTIMATORS": ("prompt_cdm.estimators", "ESTIMATORS"),
+_MODULES = {  # module -> the public names it provides
+    "prompt_cdm.compose.pipeline": ("CDMPipeline", "ComposeResult", "text_to_image"),
+    "prompt_cdm.compose.request": ("ComposeRequest", "ComposeError"),
+    "prompt_cdm.registry.registry": ("Registry",),
+    "prompt_cdm.training.train": ("train_adapter", "TrainConfig"),
+    "prompt_cdm.data.sources": ("open_source",),
+    "prompt_cdm.estimators": ("get_estimator", "ESTIMATORS"),
 }
+_API = {name: (module, name) for module, names in _MODULES.items() for name in names}
+_API["load_backbone"] = ("prompt_cdm.backbone.loading", "load")
 __all__ = sorted(_API)
 
 

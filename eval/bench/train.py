@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-KINDS = ("lora", "soft-prompt")
+KINDS = ("lora", "soft-prompt")  # the kinds the bench compares by default (prompt_cdm.adapters.kinds.KINDS)
 PATHS = ("cached", "naive")
 
 
@@ -65,8 +65,7 @@ def run_naive(pipe, source, kind: str, steps: int, batch: int) -> dict:
         sched = DDPMScheduler.from_config(pipe.scheduler.config)
         vae, unet, te = pipe.vae, pipe.unet, pipe.text_encoder
         device, res = unet.device, native_resolution(pipe)
-        opt = torch.optim.AdamW(list(run.params.values()), lr=cfg.lr,
-                                weight_decay=cfg.lora.weight_decay if kind == "lora" else 0.0)
+        opt = torch.optim.AdamW(list(run.params.values()), lr=cfg.lr, weight_decay=run.training.weight_decay)
         captions = [run.prompt(c) for c in source.captions]
         run.train_mode(True)
         t0 = time.time()
@@ -77,10 +76,7 @@ def run_naive(pipe, source, kind: str, steps: int, batch: int) -> dict:
             with torch.no_grad():
                 x0 = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
             ids = _token_ids(pipe, [captions[i] for i in idx]).to(device)
-            if kind == "lora":
-                with torch.no_grad():
-                    states = te(ids)[0]
-            else:
+            with torch.set_grad_enabled(not run.training.caches_text):  # a frozen encoder needs no graph
                 states = te(ids)[0]
             noise = torch.randn(x0.shape, generator=gen).to(device)
             t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)

@@ -31,26 +31,16 @@ def _table(figures: dict[str, Any]) -> str:
 
 def render(config, figures: dict[str, Any] | None, license: str, samples_file: str | None, folder_name: str) -> str:
     """README.md text for an AdapterConfig (`config`); `figures` (e.g. steps, loss, minutes) become a table."""
-    placeholder = config.params.get("placeholder") if config.kind == "soft-prompt" else None
-    meta = front_matter(config.kind, config.source_id, config.base_model, license, placeholder)
-    head = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
     from .kinds import get_kind
 
-    what = get_kind(config.kind).title
-    example = "a red star"
-    if config.kind == "soft-prompt":
-        ours_prompt = f'handle.prompt("{example}")  # "{placeholder} {example}"'
-        diffusers_load = f'pipe.load_textual_inversion("{folder_name}", weight_name="learned_embeds.safetensors")'
-        diffusers_prompt = f'"{placeholder} {example}"'
-        detail = (f"{config.params['num_vectors']} learned token embeddings behind the placeholder `{placeholder}`, "
-                  "which prefixes captions.")
-    else:
-        ours_prompt = f'"{example}"'
-        diffusers_load = f'pipe.load_lora_weights("{folder_name}")'
-        diffusers_prompt = f'"{example}"'
-        p = config.params
-        te = ", and the text encoder's " + ", ".join(p["text_targets"]) if p["text_encoder"] else ""
-        detail = f"rank {p['rank']}, alpha {p['alpha']} on the UNet's {', '.join(p['unet_targets'])}{te}."
+    kind = get_kind(config.kind)
+    placeholder = kind.trigger(config.params)
+    meta = front_matter(config.kind, config.source_id, config.base_model, license, placeholder)
+    head = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+    what = kind.title
+    use = kind.card_usage(config.params, "a red star", folder_name)
+    ours_prompt, diffusers_load, diffusers_prompt, detail = (use[k] for k in (
+        "ours_prompt", "diffusers_load", "diffusers_prompt", "detail"))
     parts = [
         head,
         f"# prompt_cdm {what} for source `{config.source_id}`\n",

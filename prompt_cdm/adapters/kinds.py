@@ -7,13 +7,18 @@ An adapter kind says everything the rest of the package needs to know about it:
     export               the diffusers-loadable copy beside them (diffusers' own file format)
     check_weights        the pipeline-free key / shape check of the validator (validate.py)
     row_prompt / unet_adapter / text_adapter   what one row of the composed batch carries
-    title / hub_tag / diffusers_file          how its model card and file list name it
-Adding a kind is one module with its mechanics plus one entry in KINDS.
+    trigger              the word a prompt must carry (a soft prompt's placeholder; unique in a registry)
+    train_section / start_training            its TrainConfig section and the training hooks (`Training`)
+    title / hub_tag / diffusers_file / card_usage   how its model card and file list name and use it
+Adding a kind is one module with its mechanics plus one entry in KINDS (and its hyper-parameter section
+in training.train.TrainConfig).
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,6 +34,38 @@ _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _LORA_KEY = re.compile(r"^(?P<component>unet|text_encoder)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
+@dataclass(eq=False)
+class Training:
+    """A fresh adapter applied to a pipeline for training: what the training loop needs of its kind.
+
+    params: the trainable tensors by checkpoint key (nothing else of the pipeline may train). prompt:
+    caption -> the conditional prompt. uncond: the prompt of a dropped caption. caches_text: the text
+    encoder is frozen for this adapter, so caption hidden states can be cached. dropout_modules: the
+    modules whose train() mode matters (adapter dropout). `close()` takes the adapter and its hooks off
+    the pipeline again (idempotent)."""
+
+    name: str
+    params: dict[str, torch.nn.Parameter]
+    prompt: Callable[[str], str]
+    uncond: str
+    caches_text: bool
+    weight_decay: float
+    read_back: Callable[[], object]
+    _remove: Callable[[], None] = field(repr=False)
+    dropout_modules: tuple = ()
+    closed: bool = field(default=False, init=False)
+
+    def train_mode(self, on: bool) -> None:
+        for m in self.dropout_modules:
+            m.train(on)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.train_mode(False)
+            self._remove()
+
+
 class AdapterKind:
     """The interface; see the module docstring."""
 
@@ -40,15 +77,18 @@ class AdapterKind:
     diffusers_file: str
     diffusers_note: str
 
+    module: object  # the module with the kind's mechanics on a pipeline (create, apply, remove, read_back)
+    train_section: str  # the field of training.train.TrainConfig that holds this kind's hyper-parameters
+
     def create(self, pipe, params, generator: torch.Generator | None = None):
-        raise NotImplementedError
+        return self.module.create(pipe, params, generator)
 
     def apply(self, pipe, params, tensors: dict[str, torch.Tensor], name: str) -> str:
         """Check the weights fit `pipe`, apply them; return the handle (LoRA name / placeholder)."""
         raise NotImplementedError
 
     def remove(self, pipe, handle: str):
-        raise NotImplementedError
+        return self.module.remove(pipe, handle)
 
     def state(self, adapter) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -70,23 +110,64 @@ class AdapterKind:
     def text_adapter(self, handle: str, params: dict) -> str:
         return BASE
 
+    def trigger(self, params: dict) -> str | None:
+        """The word a prompt must carry to use the adapter (None: it applies to every caption)."""
+        return None
+
+    def card_usage(self, params: dict, example: str, folder_name: str) -> dict[str, str]:
+        """The model card's usage lines: ours_prompt, diffusers_load, diffusers_prompt, detail."""
+        raise NotImplementedError
+
+    def start_training(self, pipe, section, source_id: str, generator: torch.Generator) -> Training:
+        """Apply a fresh adapter (hyper-parameters: the TrainConfig `section`) to `pipe` for training.
+        On a refusal nothing stays applied."""
+        raise NotImplementedError
+
+    def caches_text(self, section) -> bool:
+        """Whether training with these hyper-parameters leaves the text encoder's outputs fixed."""
+        return False
+
 
 class LoraKind(AdapterKind):
-    name, params, data = "lora", LoraAdapterConfig, LoraAdapter
+    name, params, data, module = "lora", LoraAdapterConfig, LoraAdapter, lora
     title, hub_tag, diffusers_file = "LoRA", "lora", LORA_DIFFUSERS_NAME
     diffusers_note = "the same weights for `load_lora_weights`"
+    train_section = "lora"
 
-    def create(self, pipe, params, generator=None):
-        return lora.create(pipe, params, generator)
+    def start_training(self, pipe, section, source_id, generator):
+        config = section.adapter_config()
+        lora.check_name(source_id)
+        if source_id in lora.names(pipe):
+            raise AdapterError(f"the pipeline already has a LoRA named {source_id!r}; train on the bare backbone")
+        lora.apply(pipe, lora.create(pipe, config, generator=generator), source_id)
+        try:
+            trainable = {id(p) for p in lora.trainable_parameters(pipe, source_id)}
+        except BaseException:
+            lora.remove(pipe, source_id)
+            raise
+        params = {f"{c}.{n}".replace(".", "__"): p for c in ("unet", "text_encoder")
+                  for n, p in getattr(pipe, c).named_parameters() if id(p) in trainable}
+        # only LoRA dropout reacts to train mode (SD's UNet and CLIP have no dropout at their defaults)
+        dropout = (pipe.unet, pipe.text_encoder) if config.text_encoder else (pipe.unet,)
+        return Training(source_id, params, lambda caption: caption, "", self.caches_text(section),
+                        section.weight_decay, lambda: lora.read_back(pipe, source_id, config),
+                        lambda: lora.remove(pipe, source_id), dropout)
+
+    def caches_text(self, section):
+        return not section.text_encoder
+
+    def card_usage(self, params, example, folder_name):
+        te = ", and the text encoder's " + ", ".join(params["text_targets"]) if params["text_encoder"] else ""
+        return {"ours_prompt": f'"{example}"', "diffusers_load": f'pipe.load_lora_weights("{folder_name}")',
+                "diffusers_prompt": f'"{example}"',
+                "detail": f"rank {params['rank']}, alpha {params['alpha']} on the UNet's "
+                          f"{', '.join(params['unet_targets'])}{te}."}
 
     def apply(self, pipe, params, tensors, name):
         adapter = LoraAdapter(params, tensors)
         lora.check_fits(pipe, adapter, name)
         lora.apply(pipe, adapter, name)
         return name
-
-    def remove(self, pipe, handle):
-        return lora.remove(pipe, handle)
 
     def state(self, adapter):
         return {k: v.detach().to(torch.float32).cpu() for k, v in adapter.tensors.items()}
@@ -140,12 +221,46 @@ class LoraKind(AdapterKind):
 
 
 class SoftPromptKind(AdapterKind):
-    name, params, data = "soft-prompt", SoftPromptConfig, SoftPrompt
+    name, params, data, module = "soft-prompt", SoftPromptConfig, SoftPrompt, soft_prompt
     title, hub_tag, diffusers_file = "soft prompt", "textual_inversion", SOFT_PROMPT_DIFFUSERS_NAME
     diffusers_note = "the same rows for `load_textual_inversion`"
+    train_section = "soft_prompt"
 
-    def create(self, pipe, params, generator=None):
-        return soft_prompt.create(pipe, params, generator)
+    def start_training(self, pipe, section, source_id, generator):
+        config = section.adapter_config(source_id)
+        name = config.placeholder
+        sp = soft_prompt.create(pipe, config, generator=generator)
+        soft_prompt.apply(pipe, sp)
+        weight = pipe.text_encoder.get_input_embeddings().weight
+        hook = None
+
+        def remove():
+            if hook is not None:
+                hook.remove()
+            weight.requires_grad_(False)
+            soft_prompt.remove(pipe, name)
+
+        try:
+            hook = soft_prompt.mask_gradients(pipe, name)
+        except BaseException:
+            remove()
+            raise
+        # a dropped caption leaves the bare placeholder: the source's p_i(x); weight decay 0 -- AdamW's
+        # decay would move the frozen rows of the shared embedding matrix too
+        return Training(name, {"embeddings": weight}, sp.prompt, name, False, 0.0,
+                        lambda: soft_prompt.read_back(pipe, name, config), remove)
+
+    def trigger(self, params):
+        return params["placeholder"]
+
+    def card_usage(self, params, example, folder_name):
+        ph = params["placeholder"]
+        return {"ours_prompt": f'handle.prompt("{example}")  # "{ph} {example}"',
+                "diffusers_load": f'pipe.load_textual_inversion("{folder_name}", weight_name='
+                                  f'"{SOFT_PROMPT_DIFFUSERS_NAME}")',
+                "diffusers_prompt": f'"{ph} {example}"',
+                "detail": f"{params['num_vectors']} learned token embeddings behind the placeholder `{ph}`, "
+                          "which prefixes captions."}
 
     def apply(self, pipe, params, tensors, name):
         if set(tensors) != {SOFT_PROMPT_KEY}:
@@ -154,9 +269,6 @@ class SoftPromptKind(AdapterKind):
         soft_prompt.check_fits(pipe, sp)
         soft_prompt.apply(pipe, sp)
         return params.placeholder
-
-    def remove(self, pipe, handle):
-        return soft_prompt.remove(pipe, handle)
 
     def state(self, adapter):
         return {SOFT_PROMPT_KEY: adapter.embeds.detach().to(torch.float32).cpu()}

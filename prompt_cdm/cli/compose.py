@@ -138,12 +138,13 @@ def cmd_router_cache(a) -> None:
 def cmd_router_train(a) -> None:
     from ..registry.registry import Registry
     from ..routing.routers import RouterTrainConfig, train_router
+    from .fields import build, request_fields
 
     reg = Registry(a.registry)
     if a.kind not in ("classifier", "ratio"):
         raise UsageError(f"--kind must be classifier or ratio, got {a.kind!r}")
     try:
-        cfg = RouterTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, use_context=not a.no_context, seed=a.seed)
+        cfg = build(RouterTrainConfig, a, request_fields(RouterTrainConfig))
     except ValueError as e:
         raise UsageError(str(e)) from None
     names = reg.resolve(a.sources.split(",") if a.sources else None)
@@ -155,6 +156,7 @@ def cmd_router_train(a) -> None:
 
 def add_parsers(sub) -> None:
     from ..compose.request import ComposeRequest
+    from ..routing.routers import RouterTrainConfig
     from .fields import add_fields, add_set
 
     g = sub.add_parser("generate", help="compose sources' adapters on the frozen backbone (CDM) and generate")
@@ -224,10 +226,8 @@ def add_parsers(sub) -> None:
     reg_arg(rt)
     rt.add_argument("--kind", required=True, help="classifier or ratio")
     rt.add_argument("--sources", default=None, metavar="A,B", help="default: every source")
-    rt.add_argument("--steps", type=int, default=400, help="optimizer steps (per head for ratio)")
-    rt.add_argument("--batch-size", type=int, default=64, help="noised latents per source per step")
-    rt.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    rt.add_argument("--no-context", action="store_true", help="do not read the caption embedding")
-    rt.add_argument("--seed", type=int, default=0, help="seed")
+    add_fields(rt, RouterTrainConfig)  # --use-context / --no-use-context, and the old spelling below
+    rt.add_argument("--no-context", dest="use_context", action="store_false", help="do not read the caption embedding")
+    add_set(rt, "router training (routing.routers.RouterTrainConfig)")
     rt.add_argument("--backbone", default=None, help="default: the registry's backbone")
     rt.set_defaults(func=cmd_router_train)

@@ -58,9 +58,9 @@ def request_fields(cls, skip: Iterable[str] = ()) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in set(skip)]
 
 
-def add_set(parser: argparse.ArgumentParser, what: str) -> None:
+def add_set(parser: argparse.ArgumentParser, what: str, example: str = "steps=10") -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a field of the {what} (type-checked; repeatable), e.g. --set steps=10")
+                        help=f"override a field of the {what} (type-checked; repeatable), e.g. --set {example}")
 
 
 def build(cls, args: argparse.Namespace, names: Iterable[str], extra: Mapping[str, Any] | None = None):

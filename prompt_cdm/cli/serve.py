@@ -7,20 +7,29 @@ import sys
 from .common import UsageError, _load_backbone_quietly
 
 
+def serve_config(a):
+    """The service's bounds from `prompt-cdm serve`'s flags (generated from ServeConfig) and --set."""
+    from ..serve.app import ServeConfig
+    from .fields import build, request_fields
+
+    # a request that names no steps gets 25, or max_steps when that is lower
+    steps = a.default_steps if a.default_steps is not None else min(25, a.max_steps)
+    return build(ServeConfig, a, request_fields(ServeConfig, ("default_steps",)), {"default_steps": steps})
+
+
 def cmd_serve(a) -> None:
     from ..registry.registry import Registry
-    from ..serve.app import ServeConfig, create_app, run
+    from ..serve.app import create_app, run
 
     reg = Registry(a.registry)
     try:
-        cfg = ServeConfig(max_steps=a.max_steps, max_prompts=a.max_prompts, default_steps=min(25, a.max_steps),
-                          queue_size=a.queue_size, timeout_s=a.timeout, threads=a.threads)
+        cfg = serve_config(a)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if a.threads:
+    if cfg.threads:
         import torch
 
-        torch.set_num_threads(a.threads)
+        torch.set_num_threads(cfg.threads)
     pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"])
     app = create_app(a.registry, pipe, cfg)
     try:
@@ -62,16 +71,16 @@ def cmd_keys_list(a) -> None:
 
 
 def add_parsers(sub) -> None:
+    from ..serve.app import ServeConfig
+    from .fields import add_fields, add_set
+
     s = sub.add_parser("serve", help="serve a registry's compositions over HTTP, by API key (FastAPI + uvicorn)")
     s.add_argument("--registry", required=True, metavar="DIR", help="the registry folder (keys: `prompt-cdm keys`)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
     s.add_argument("--backbone", default=None, help="default: the registry's backbone")
-    s.add_argument("--max-steps", type=int, default=50, help="sampling steps allowed per request (more: 422)")
-    s.add_argument("--max-prompts", type=int, default=8, help="prompts (images) allowed per request (more: 422)")
-    s.add_argument("--queue-size", type=int, default=16, help="requests waiting behind the running one (more: 429)")
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds from acceptance to answer (then 504)")
-    s.add_argument("--threads", type=int, default=0, help="torch threads of the worker (0: torch's default)")
+    add_fields(s, ServeConfig, aliases={"timeout_s": ["--timeout"]}, defaults={"default_steps": None})
+    add_set(s, "service's bounds (serve.app.ServeConfig)", "max_steps=20")
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("keys", help="API keys of `serve`, stored hashed in the registry")

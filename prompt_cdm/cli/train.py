@@ -52,7 +52,9 @@ def cmd_train_all(a) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="tiny", help="'tiny', an SD pipeline folder or a hub id (frozen)")
-    p.add_argument("--kind", choices=["lora", "soft-prompt"], default=None,
+    from ..adapters.kinds import KINDS
+
+    p.add_argument("--kind", choices=list(KINDS), default=None,
                    help="adapter kind (default: the recipe's `kind`, else lora)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     p.add_argument("--recipe", default=None, help="TOML recipe, e.g. recipes/adapter_train.toml "

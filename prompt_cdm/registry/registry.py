@@ -155,6 +155,7 @@ class Registry:
         hub push and pull run too: config, weights' keys, shapes and values, no pickle files), trained on this
         registry's backbone (fingerprint), not on forgotten data, no name/placeholder clash."""
         from ..adapters.errors import AdapterError
+        from ..adapters.kinds import get_kind
         from ..adapters.store import CONFIG_NAME
         from ..adapters.validate import check_adapter_folder
 
@@ -181,8 +182,8 @@ class Registry:
         if cfg.source_id in {f.get("source_id") for f in gone.values()}:
             raise RegistryError(f"{src}: it was trained on source {cfg.source_id!r}, which this registry "
                                 "forgot; forgotten data cannot come back")
-        if cfg.kind == "soft-prompt":
-            ph = cfg.params["placeholder"]
+        ph = get_kind(cfg.kind).trigger(cfg.params)  # a trigger word must be unique among composable sources
+        if ph is not None:
             for other, e in self.data["sources"].items():
                 if e.get("placeholder") == ph:
                     raise RegistryError(f"source {other!r} already uses the placeholder {ph}; two soft prompts "
@@ -205,8 +206,8 @@ class Registry:
                 "sha256": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
                 "added": _now(),
             }
-            if cfg.kind == "soft-prompt":
-                entry["placeholder"] = cfg.params["placeholder"]
+            if ph is not None:
+                entry["placeholder"] = ph
             os.replace(tmp, dst)
             created.append(dst)
             if manifest is not None:

@@ -218,7 +218,7 @@ def reference_cache(registry: Registry) -> dict[str, torch.Tensor]:
 @dataclass
 class RouterTrainConfig:
     # small: the heads read 4 x 16 x 16 latents; CPU minutes, not hours
-    steps: int = field(default=400, metadata={"help": "optimizer steps"})
+    steps: int = field(default=400, metadata={"help": "optimizer steps (per head for ratio)"})
     batch_size: int = field(default=64, metadata={"help": "noised latents per source (and reference) per step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     use_context: bool = field(default=True, metadata={"help": "the router reads the caption embedding"})

@@ -30,7 +30,7 @@ import socket
 import tempfile
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -55,18 +55,22 @@ FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 class ServeConfig:
     """Bounds of the service (a request beyond them is refused with 422; a full queue with 429)."""
 
-    max_steps: int = 50            # sampling steps per request
-    max_prompts: int = 8           # images per request (one UNet batch: 8 x (n+1) rows)
-    max_prompt_chars: int = 500    # CLIP reads 77 tokens; more text is truncated anyway
-    max_sources: int = 32          # sources named in one request
-    max_guidance: float = 50.0
-    default_steps: int = 25
-    default_guidance: float = 5.0
-    queue_size: int = 16           # requests waiting behind the running one; more -> 429
-    timeout_s: float = 120.0       # from acceptance to answer (queue wait + generation) -> 504
-    max_body_kb: int = 256         # a request body (admin uploads: max_upload_mb)
-    max_upload_mb: int = 64        # an uploaded adapter (base64 JSON); an SD1.5 rank-8 LoRA is ~3 MB
-    threads: int = 0               # torch threads of the worker (0: the current setting)
+    max_steps: int = field(default=50, metadata={"help": "sampling steps allowed per request (more: 422)"})
+    # one UNet batch: 8 x (n+1) rows
+    max_prompts: int = field(default=8, metadata={"help": "prompts (images) allowed per request (more: 422)"})
+    # CLIP reads 77 tokens; more text is truncated anyway
+    max_prompt_chars: int = field(default=500, metadata={"help": "characters allowed per prompt (more: 422)"})
+    max_sources: int = field(default=32, metadata={"help": "sources named in one request (more: 422)"})
+    max_guidance: float = field(default=50.0, metadata={"help": "largest guidance scale a request may ask"})
+    default_steps: int = field(default=25, metadata={"help": "sampling steps of a request that names none (serve: 25, or max_steps when lower)"})
+    default_guidance: float = field(default=5.0, metadata={"help": "guidance scale of a request that names none"})
+    queue_size: int = field(default=16, metadata={"help": "requests waiting behind the running one (more: 429)"})
+    # queue wait + generation
+    timeout_s: float = field(default=120.0, metadata={"help": "seconds from acceptance to answer (then 504)"})
+    max_body_kb: int = field(default=256, metadata={"help": "request body size in KiB (admin uploads: max_upload_mb)"})
+    # an SD1.5 rank-8 LoRA is ~3 MB
+    max_upload_mb: int = field(default=64, metadata={"help": "uploaded adapter size in MiB (base64 JSON)"})
+    threads: int = field(default=0, metadata={"help": "torch threads of the worker (0: torch's default)"})
 
     def __post_init__(self):
         for k in ("max_steps", "max_prompts", "max_prompt_chars", "max_sources", "queue_size", "max_body_kb",

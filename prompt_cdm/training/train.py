@@ -47,7 +47,6 @@ from ..util.config import to_dict
 from ..util.io import atomic_path, write_json, write_jsonl
 from ..data.sources import DataSource, SourceError
 
-KINDS = ("lora", "soft-prompt")
 WORK_SUFFIX = ".train"
 LOG_NAME = "train_log.jsonl"
 CURVE_NAME = "loss_curve.png"
@@ -115,7 +114,7 @@ class SoftPromptTrain:
 class TrainConfig:
     """One adapter's training run. Defaults = recipes/adapter_train.toml (a few minutes per source on 2 cores)."""
 
-    kind: str = field(default="lora", metadata={"help": "lora | soft-prompt"})
+    kind: str = field(default="lora", metadata={"help": "adapter kind (adapters.kinds.KINDS): lora | soft-prompt"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "images per step"})
     seed: int = field(default=0, metadata={"help": "seeds init, batches, noise, timesteps"})
@@ -140,6 +139,8 @@ class TrainConfig:
             self.lora = LoraTrain(**self.lora)
         if isinstance(self.soft_prompt, dict):
             self.soft_prompt = SoftPromptTrain(**self.soft_prompt)
+        from ..adapters.kinds import KINDS
+
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
         checks = [
@@ -163,19 +164,41 @@ class TrainConfig:
                 raise ValueError(msg)
 
     @property
+    def section_name(self) -> str:
+        """The field holding the hyper-parameters of this run's kind ("lora", "soft_prompt")."""
+        from ..adapters.kinds import get_kind
+
+        return get_kind(self.kind).train_section
+
+    @property
+    def section(self):
+        return getattr(self, self.section_name)
+
+    @property
     def lr(self) -> float:
-        return self.lora.lr if self.kind == "lora" else self.soft_prompt.lr
+        return self.section.lr
 
     def caches_text(self) -> bool:
         """True when the text encoder is frozen for this run, so caption hidden states can be cached."""
-        return self.kind == "lora" and not self.lora.text_encoder
+        from ..adapters.kinds import get_kind
+
+        return get_kind(self.kind).caches_text(self.section)
+
+    def as_dict(self) -> dict:
+        """The config as data, with only this run's kind's section."""
+        from ..adapters.kinds import KINDS
+
+        d = to_dict(self)
+        for k in KINDS.values():
+            if k.name != self.kind:
+                d.pop(k.train_section, None)
+        return d
 
     def identity(self) -> dict:
         """The fields that determine the weights (a checkpoint resumes only under the same identity)."""
-        d = to_dict(self)
+        d = self.as_dict()
         for k in _SCHEDULE_ONLY:
             d.pop(k)
-        d.pop("soft_prompt" if self.kind == "lora" else "lora")
         return d
 
 
@@ -319,47 +342,26 @@ def build_cache(pipe, source: DataSource, cfg: TrainConfig, prompt: Callable[[st
 
 
 class _Run:
-    """The adapter being trained on `pipe`: apply, trainable parameters, read back, remove (always)."""
+    """The adapter being trained on `pipe` (its kind's `Training` hooks); the pipeline gets it back bare."""
 
     def __init__(self, pipe, cfg: TrainConfig, source_id: str):
-        self.pipe, self.cfg, self.kind = pipe, cfg, cfg.kind
-        self.hook, self.lora_config, self.applied = None, None, False
+        from ..adapters.errors import AdapterError
+        from ..adapters.kinds import get_kind
+
+        self.pipe = pipe
+        gen = torch.Generator().manual_seed(_seed("init", cfg.seed))
         try:
-            self._apply(pipe, cfg, source_id)
+            self.training = get_kind(cfg.kind).start_training(pipe, cfg.section, source_id, gen)
+        except AdapterError as e:
+            raise TrainError(str(e)) from None
+        t = self.training
+        self.name, self.params, self.prompt, self.uncond = t.name, t.params, t.prompt, t.uncond
+        self.holder = torch.nn.ParameterDict(self.params)  # what a checkpoint saves: the adapter only
+        try:
+            self._check_only_adapter_trains()
         except BaseException:
             self.close()
             raise
-
-    def _apply(self, pipe, cfg: TrainConfig, source_id: str) -> None:
-        from ..adapters import lora, soft_prompt
-
-        gen = torch.Generator().manual_seed(_seed("init", cfg.seed))
-        if self.kind == "soft-prompt":
-            self.sp_config = cfg.soft_prompt.adapter_config(source_id)
-            self.name = self.sp_config.placeholder
-            sp = soft_prompt.create(pipe, self.sp_config, generator=gen)
-            soft_prompt.apply(pipe, sp)
-            self.applied = True
-            self.hook = soft_prompt.mask_gradients(pipe, self.name)
-            weight = pipe.text_encoder.get_input_embeddings().weight
-            self.params = {"embeddings": weight}
-            self.prompt = sp.prompt
-            self.uncond = self.name  # a dropped caption leaves the bare placeholder: the source's p_i(x)
-        else:
-            self.lora_config = cfg.lora.adapter_config()
-            self.name = source_id
-            lora.check_name(self.name)
-            if self.name in lora.names(pipe):
-                raise TrainError(f"the pipeline already has a LoRA named {self.name!r}; train on the bare backbone")
-            lora.apply(pipe, lora.create(pipe, self.lora_config, generator=gen), self.name)
-            self.applied = True
-            trainable = {id(p) for p in lora.trainable_parameters(pipe, self.name)}
-            self.params = {f"{c}.{n}".replace(".", "__"): p for c in ("unet", "text_encoder")
-                           for n, p in getattr(pipe, c).named_parameters() if id(p) in trainable}
-            self.prompt = lambda caption: caption
-            self.uncond = ""
-        self.holder = torch.nn.ParameterDict(self.params)  # what a checkpoint saves: the adapter only
-        self._check_only_adapter_trains()
 
     def _check_only_adapter_trains(self) -> None:
         ours = {id(p) for p in self.params.values()}
@@ -370,36 +372,14 @@ class _Run:
                                      "pass a frozen backbone (prompt_cdm.backbone.load)")
 
     def train_mode(self, on: bool) -> None:
-        # only LoRA dropout reacts to train mode (SD's UNet and CLIP have no dropout at their defaults)
-        if self.kind == "lora":
-            self.pipe.unet.train(on)
-            if self.lora_config is not None and self.lora_config.text_encoder:
-                self.pipe.text_encoder.train(on)
+        self.training.train_mode(on)
 
     def read_back(self):
-        from ..adapters import lora, soft_prompt
-
-        if self.kind == "soft-prompt":
-            return soft_prompt.read_back(self.pipe, self.name, self.sp_config)
-        return lora.read_back(self.pipe, self.name, self.lora_config)
+        return self.training.read_back()
 
     def close(self) -> None:
         """Take the adapter off the pipeline; the frozen backbone is exactly as before."""
-        from ..adapters import lora, soft_prompt
-
-        self.train_mode(False)
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook = None
-        if self.kind == "soft-prompt":
-            self.pipe.text_encoder.get_input_embeddings().weight.requires_grad_(False)
-        if not self.applied:  # never remove what we did not add (e.g. an adapter of the same name)
-            return
-        self.applied = False
-        if self.kind == "soft-prompt":
-            soft_prompt.remove(self.pipe, self.name)
-        else:
-            lora.remove(self.pipe, self.name)
+        self.training.close()
 
 
 def _check_start(pipe, out: Path, overwrite: bool) -> None:
@@ -543,9 +523,8 @@ def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.Path
         if n != len(source):
             raise TrainError(f"{cache_path} holds {n} items but the source has {len(source)}; delete {work}")
 
-        decay = cfg.lora.weight_decay if cfg.kind == "lora" else 0.0
         params = list(run.params.values())
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=run.training.weight_decay)
         opt = accelerator.prepare(opt)
         ckpt = work / "checkpoint"
         start, elapsed_before, rows = 0, 0.0, []
@@ -596,7 +575,7 @@ def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.Path
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainError(f"the loss became {value} at step {step + 1}; lower the learning rate "
-                                 f"(--set {'lora' if cfg.kind == 'lora' else 'soft_prompt'}.lr=...)")
+                                 f"(--set {cfg.section_name}.lr=...)")
             elapsed = elapsed_before + time.time() - t0
             rows.append({"step": step + 1, "loss": value, "lr": cfg.lr, "elapsed_s": round(elapsed, 3)})
             bar.set_postfix(loss=f"{value:.4f}")
@@ -630,7 +609,7 @@ def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.Path
         members = [{"source_id": m["source_id"], "data_hash": m["hash"], "n_items": m["n_items"]}
                    for m in manifest.members] or [{"source_id": source.id, "data_hash": manifest.hash,
                                                    "n_items": manifest.n_items}]
-        train_config = {k: v for k, v in to_dict(cfg).items() if k != ("soft_prompt" if cfg.kind == "lora" else "lora")}
+        train_config = cfg.as_dict()
         train_config["sources"] = members
         save_adapter(out, adapter, source_id=source.id, fingerprint=fingerprint, base_model=base_model,
                      data_hash=manifest.hash, train_config=train_config, figures=figures, sample_grid=sample_grid,
