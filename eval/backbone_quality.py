@@ -28,13 +28,14 @@ def evaluate_domain(pipe, judge, domain: str, n: int = 200, steps: int = 25, gui
 
 
 def evaluate_backbone(backbone: str = "tiny", domains: list[str] = ("base",), n: int = 200, steps: int = 25,
-                      guidance: float = 5.0, seed: int = 0, out: str | None = None) -> dict:
+                      guidance: float = 5.0, seed: int = 0, out: str | None = None, device=None, dtype=None) -> dict:
+    """Judge-TIFA and FID of `backbone` (placed on `device` in `dtype`, backbone.placement) per domain."""
     from prompt_cdm.backbone.loading import load
     from prompt_cdm.util.plots import grid
     from prompt_cdm.util.io import save_image, write_json
     from prompt_cdm.world.judge import Judge
 
-    pipe, judge = load(backbone), Judge.load()
+    pipe, judge = load(backbone, dtype, device), Judge.load()
     results = {}
     for d in domains:
         res, images = evaluate_domain(pipe, judge, d, n=n, steps=steps, guidance=guidance, seed=seed)

@@ -65,9 +65,14 @@ class ExperimentConfig:
     mem_steps: int = 0           # training steps of the duplicated source's LoRA (0 = steps)
     mem_lora_rank: int = 0       # its LoRA rank (0 = lora_rank)
     threads: int = 2
+    device: str = "auto"         # where every model runs (backbone.placement): auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"          # the backbone's precision: auto | fp32 | fp16 | bf16
 
     def __post_init__(self):
+        from prompt_cdm.backbone.placement import Placement
         from prompt_cdm.world.domains import SOURCE_DOMAINS
+
+        Placement(self.device, self.dtype)
 
         bad = [d for d in self.domains if d not in SOURCE_DOMAINS]
         if bad:
@@ -150,6 +155,7 @@ def _train_cfg(cfg: ExperimentConfig, steps: int, rank: int = 0):
     rank = rank or cfg.lora_rank
     return TrainConfig(kind=cfg.kind, steps=steps, batch_size=cfg.batch_size, resolution=cfg.resolution,
                        mixed_precision=cfg.mixed_precision, threads=cfg.threads, n_samples=4,
+                       device=cfg.device, dtype=cfg.dtype,
                        sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
                        lora=LoraTrain(rank=rank, alpha=float(rank), lr=cfg.lora_lr))
 
@@ -189,7 +195,7 @@ def stage_eval(cfg: ExperimentConfig, out: Path) -> dict:
                       routers=cfg.routers, **kw)
     spl = cq.evaluate(str(out / "cdm_splits" / "adapters"), str(out / "splits"), str(out / "eval_splits"),
                       routers=cfg.split_routers, sources=[f"split{i}" for i in range(cfg.splits)], **kw)
-    pipe, judge = load_quietly(cfg.backbone), shipped_judge()
+    pipe, judge = load_quietly(cfg.backbone, cfg.dtype, cfg.device), shipped_judge()
     paragon = {}
     for d in cfg.domain_list:
         held = heldout(d, cfg.n_eval, cfg.seed)
@@ -224,7 +230,7 @@ def stage_forget(cfg: ExperimentConfig, out: Path, train_res: dict, eval_res: di
     router_s = 0.0
     if router == "classifier":  # the stale n-way classifier is retrained on the others' cached latents
         t0 = time.time()
-        train_router(reg, "classifier", load_quietly(cfg.backbone).scheduler.alphas_cumprod,
+        train_router(reg, "classifier", load_quietly(cfg.backbone, cfg.dtype, cfg.device).scheduler.alphas_cumprod,
                      RouterTrainConfig(steps=cfg.router_steps), rest)
         router_s = time.time() - t0
     after = cq.evaluate(str(domain_adapters(cfg, out)), str(out / "data"), str(out / "forget"), domains=rest,
@@ -258,7 +264,7 @@ def stage_memorization(cfg: ExperimentConfig, out: Path) -> dict:
         train(cfg.backbone, [str(data)], _train_cfg(cfg, cfg.mem_steps or cfg.steps, cfg.mem_lora_rank), adapter,
               source_id=name)
     others = {d: domain_adapters(cfg, out) / d for d in cfg.domain_list if d != cfg.mem_domain}
-    return copy_rate_experiment(load_quietly(cfg.backbone), {name: adapter, **others}, name, data,
+    return copy_rate_experiment(load_quietly(cfg.backbone, cfg.dtype, cfg.device), {name: adapter, **others}, name, data,
                                 n_per_prompt=cfg.mem_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
                                 seed=cfg.seed, wen_first_steps=min(5, cfg.sample_steps), uncond=cfg.uncond)
 

@@ -70,6 +70,8 @@ class DemoConfig:
     # 1: the tiny models gain nothing from a second thread, and on a 2-core machine shared with other jobs
     # a 2-thread UNet call was ~10x slower (measured: 16 images x 25 steps, 84 s with 2 threads, 7.4 s with 1)
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    device: str = field(default="auto", metadata={"help": "where the models run: auto | cpu | cuda | cuda:N | mps"})
+    dtype: str = field(default="auto", metadata={"help": "backbone precision: auto | fp32 | fp16 | bf16"})
 
     def __post_init__(self):
         from .world.domains import SOURCE_DOMAINS
@@ -94,6 +96,12 @@ class DemoConfig:
             raise DemoError(f"--n must be >= {SHOWN_PER_DOMAIN}, got {self.n}")
         if self.guidance < 1.0:
             raise DemoError(f"--guidance must be >= 1, got {self.guidance}")
+        from .backbone.placement import Placement, PlacementError
+
+        try:
+            Placement(self.device, self.dtype)
+        except PlacementError as e:
+            raise DemoError(str(e)) from None
 
     @property
     def route(self) -> str:
@@ -111,17 +119,21 @@ class DemoConfig:
         return list(self.domains[: 2 if len(self.domains) > 2 else 1])
 
     def command(self) -> str:
+        """The `prompt-cdm demo` command of these settings: every field that differs from its default, spelled
+        as the flags the CLI generates from this dataclass."""
+        from dataclasses import fields
+
         d = DemoConfig()
         parts = [f"prompt-cdm demo --out {self.out}"]
-        if not self.caption_prior:
-            parts.append("--no-caption-prior")
-        for f in ("domains", "n_images", "train_steps", "router_steps", "n", "steps", "guidance", "router", "uncond",
-                  "forget", "seed", "threads"):
-            v, default = getattr(self, f), getattr(d, f)
-            if f == "forget" and v == self.domains[0]:
+        for f in fields(self):
+            v, default = getattr(self, f.name), getattr(d, f.name)
+            if f.name == "out" or v == default or (f.name == "forget" and v == self.domains[0]):
                 continue
-            if v != default:
-                parts.append(f"--{f.replace('_', '-')} {','.join(v) if isinstance(v, tuple) else v}")
+            flag = f"--{f.name.replace('_', '-')}"
+            if isinstance(v, bool):
+                parts.append(flag if v else f"--no-{f.name.replace('_', '-')}")
+            else:
+                parts.append(f"{flag} {','.join(v) if isinstance(v, tuple) else v}")
         return " ".join(parts)
 
     def key(self) -> dict:
@@ -129,6 +141,7 @@ class DemoConfig:
         k = asdict(self)
         k.pop("out")
         k.pop("threads")
+        k.pop("device")  # where it ran does not change what a stage means (the dtype does)
         k["domains"] = list(self.domains)
         return k
 
@@ -178,7 +191,8 @@ def stage_sources(cfg: DemoConfig, out: Path) -> list[dict]:
 
     folders = render_world_sources(list(cfg.domains), out, cfg.n_images, seed=cfg.seed)
     # no per-adapter sample grid: samples.png shows the same comparison for every source at once
-    tcfg = TrainConfig(kind="lora", steps=cfg.train_steps, seed=cfg.seed, n_samples=0)
+    tcfg = TrainConfig(kind="lora", steps=cfg.train_steps, seed=cfg.seed, n_samples=0, device=cfg.device,
+                       dtype=cfg.dtype)
     rows = []
     for r in train_all("tiny", folders, tcfg, out):
         tc = json.loads((Path(r.folder) / "adapter_config.json").read_text()).get("train_config", {})
@@ -363,7 +377,8 @@ def stage_forget(cfg: DemoConfig, out: Path, pipe) -> dict:
     retrain_s = None
     if len(rest) >= 2:  # the paper's classifier saw the forgotten data: retrain it on the rest's cached latents
         t0 = time.time()
-        train_router(reg, "classifier", pipe.scheduler.alphas_cumprod, RouterTrainConfig(steps=cfg.router_steps), rest)
+        train_router(reg, "classifier", pipe.scheduler.alphas_cumprod, RouterTrainConfig(steps=cfg.router_steps), rest,
+                     device=pipe.unet.device)
         retrain_s = time.time() - t0
     problems_after = reg.verify()
     # the rest composes with the ratio heads as they were (no retraining), on captions of every domain
@@ -675,7 +690,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         st = _Stages(out / STATE_FILE, cfg.key())
         res: dict = {"settings": cfg.key(), "command": cfg.command()}
         res["sources"] = st.run("sources", lambda: stage_sources(cfg, out), cache=False)  # train_all resumes itself
-        pipe = load_quietly("tiny")
+        pipe = load_quietly("tiny", cfg.dtype, cfg.device)
         res["backbone"] = asdict(info(pipe))
         res["registry"] = st.run("registry", lambda: stage_registry(cfg, out, pipe), cache=False)
         res["samples"] = st.run("samples", lambda: stage_samples(cfg, out, pipe))

@@ -147,6 +147,9 @@ class LoraKind(AdapterKind):
             raise
         params = {f"{c}.{n}".replace(".", "__"): p for c in ("unet", "text_encoder")
                   for n, p in getattr(pipe, c).named_parameters() if id(p) in trainable}
+        for p in params.values():  # trainable tensors in float32 on a half-precision backbone (peft casts x)
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
         # only LoRA dropout reacts to train mode (SD's UNet and CLIP have no dropout at their defaults)
         dropout = (pipe.unet, pipe.text_encoder) if config.text_encoder else (pipe.unet,)
         return Training(source_id, params, lambda caption: caption, "", self.caches_text(section),
@@ -230,8 +233,15 @@ class SoftPromptKind(AdapterKind):
         config = section.adapter_config(source_id)
         name = config.placeholder
         sp = soft_prompt.create(pipe, config, generator=generator)
-        soft_prompt.apply(pipe, sp)
-        weight = pipe.text_encoder.get_input_embeddings().weight
+        te = pipe.text_encoder
+        dtype = te.dtype
+        te.to(torch.float32)  # the trained rows live in the embedding matrix: the encoder trains in float32
+        try:
+            soft_prompt.apply(pipe, sp)
+        except BaseException:
+            te.to(dtype)
+            raise
+        weight = te.get_input_embeddings().weight
         hook = None
 
         def remove():
@@ -239,6 +249,7 @@ class SoftPromptKind(AdapterKind):
                 hook.remove()
             weight.requires_grad_(False)
             soft_prompt.remove(pipe, name)
+            te.to(dtype)
 
         try:
             hook = soft_prompt.mask_gradients(pipe, name)

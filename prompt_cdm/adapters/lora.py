@@ -191,7 +191,7 @@ def create(pipe, config: LoraAdapterConfig, generator: torch.Generator | None = 
     """A fresh LoRA for `pipe` with peft's initialisation (A Kaiming-uniform, B zero: the update starts at 0)."""
     tensors = {}
     for k, shape in expected_shapes(pipe, config).items():
-        t = torch.zeros(shape)
+        t = torch.zeros(shape, device="cpu")  # an adapter in memory is a CPU float32 object until applied
         if k.endswith("lora_A.weight"):
             torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
         tensors[k] = t
@@ -208,7 +208,9 @@ def _set_flag(model, loaded: bool) -> None:
 def apply(pipe, adapter: LoraAdapter, name: str) -> None:
     """Inject `adapter` as peft adapter `name` (UNet, and text encoder if configured); make it the active one.
 
-    Validates first; on any failure the pipeline is left as it was."""
+    Its layers are made on the model's device and take the model's dtype (an fp16 UNet gets fp16 LoRA
+    weights; training upcasts its own trainable tensors). Validates first; on any failure the pipeline is
+    left as it was."""
     from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
 
     check_fits(pipe, adapter, name)
@@ -217,7 +219,7 @@ def apply(pipe, adapter: LoraAdapter, name: str) -> None:
     try:
         for c in adapter.config.components():
             model = getattr(pipe, c)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), torch.device(model.device):
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 inject_adapter_in_model(adapter.config.peft_config(c), model, adapter_name=name)
             done.append(c)
@@ -342,15 +344,67 @@ def lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+ROUTING = ("gather", "peft")
+
+
+def _gather_stacks(m, adapters: tuple[str, ...]):
+    """(A [K+1 x r x in], B [K+1 x out x r], scale [K+1]) of LoRA layer `m` for `adapters` (index 0: no
+    adapter; an adapter this layer lacks: zeros), ranks zero-padded to the largest -- cached on the layer
+    until a weight changes."""
+    ws = {a: (m.lora_A[a].weight, m.lora_B[a].weight) for a in adapters if a in m.lora_A}
+    key = (adapters, tuple((a, id(w), w._version, id(v), v._version) for a, (w, v) in ws.items()))
+    cache = getattr(m, "_cdm_gather", None)
+    if cache is not None and cache[0] == key:
+        return cache[1]
+    r = max(w.shape[0] for w, _ in ws.values())
+    a0, b0 = next(iter(ws.values()))
+    A = a0.new_zeros((len(adapters) + 1, r, a0.shape[1]))
+    B = b0.new_zeros((len(adapters) + 1, b0.shape[0], r))
+    for k, name in enumerate(adapters, start=1):
+        if name in ws:
+            a, b = ws[name]
+            A[k, : a.shape[0]] = a.detach()
+            B[k, :, : b.shape[1]] = b.detach()
+    scale = torch.tensor([0.0] + [float(m.scaling[a]) if a in ws else 0.0 for a in adapters], dtype=A.dtype,
+                         device=A.device)
+    stacks = (A, B, scale)
+    m._cdm_gather = (key, stacks)
+    return stacks
+
+
+def _gathered_forward(m, index: torch.Tensor, adapters: tuple[str, ...]):
+    """LoRA layer `m`'s forward with row k through adapter index[k] (0 = none): each row's A and B gathered,
+    two batched matrix products for the whole batch (the Punica / S-LoRA idea) instead of peft's loop
+    over adapters with masked copies. Equal to peft's mixed batch for plain LoRA (tested to 1e-5)."""
+    def forward(x, *args, **kwargs):
+        result = m.base_layer(x, *args, **kwargs)
+        if x.shape[0] != index.shape[0]:
+            raise LoraError(f"a routed batch has {x.shape[0]} rows but {index.shape[0]} adapter names")
+        A, B, scale = _gather_stacks(m, adapters)
+        idx = index.to(x.device)
+        xa = x.to(A.dtype)
+        flat = xa.reshape(x.shape[0], -1, x.shape[-1])                       # [R x L x in]
+        h = torch.bmm(flat, A[idx].transpose(1, 2))                          # [R x L x r]
+        d = torch.bmm(h, B[idx].transpose(1, 2)) * scale[idx].view(-1, 1, 1)  # [R x L x out]
+        return result + d.reshape(*result.shape).to(result.dtype)
+
+    return forward
+
+
 @contextmanager
-def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = None):
+def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = None, method: str = "gather"):
     """Inside the block, row k of every forward batch goes through LoRA adapter adapter_names[k]
-    ("__base__" = none) in every peft LoRA layer of `model` -- peft's mixed-batch path, which
-    diffusers has no public switch for (`cross_attention_kwargs` does not route adapters).
+    ("__base__" = none) in every peft LoRA layer of `model`. diffusers has no public switch for this
+    (`cross_attention_kwargs` does not route adapters).
+
+    method "gather" (default): each Linear LoRA layer gathers its rows' A and B and runs two batched matrix
+    products (`_gathered_forward`); layers it does not cover (convolutions, DoRA and other peft variants,
+    dropout in training mode) take peft's path. "peft": peft's mixed-batch forward
+    (`LoraLayer._mixed_batch_forward`, a loop over adapters with masked copies) everywhere.
 
     Independent of peft's active-adapter state: an adapter not named for a row never touches it.
-    Every batch the model's layers see inside the block must have len(adapter_names) rows (peft
-    checks it). Raises `error` (default LoraError) for unknown names, merged or disabled adapters."""
+    Every batch the model's layers see inside the block must have len(adapter_names) rows. Raises
+    `error` (default LoraError) for unknown names, merged or disabled adapters."""
     error = error or LoraError
     names = list(adapter_names)
     layers = lora_layers(model)
@@ -370,12 +424,31 @@ def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = Non
     if any(m.disable_adapters for m in layers):
         raise error("the LoRA adapters are disabled on this model (disable_adapters); "
                            "enable them before composing")
+    if method not in ROUTING:
+        raise error(f"unknown LoRA routing {method!r}; valid: {', '.join(ROUTING)}")
     from functools import partial
 
+    from peft.tuners.lora import Linear as LoraLinear
+
+    adapters = tuple(sorted(wanted))
+    position = {a: k for k, a in enumerate(adapters, start=1)}
+    index = torch.tensor([position.get(n, 0) for n in names], dtype=torch.long, device="cpu")
     hook = partial(_adapter_names_hook, adapter_names=names)
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    handles, patched = [], []
     try:
+        for m in layers:
+            present = [a for a in adapters if a in m.lora_A]
+            plain = (method == "gather" and type(m) is LoraLinear and present
+                     and not any(a in m.lora_variant for a in present)  # DoRA & co: peft's own forward
+                     and (not m.training or all(isinstance(m.lora_dropout[a], torch.nn.Identity) for a in present)))
+            if plain:
+                m.forward = _gathered_forward(m, index, adapters)
+                patched.append(m)
+            else:
+                handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:
         for h in handles:
             h.remove()
+        for m in patched:
+            del m.forward  # back to the class's forward

@@ -132,7 +132,7 @@ def create(pipe, config: SoftPromptConfig, generator: torch.Generator | None = N
         rows = weight[ids[0]].to(torch.float32).cpu().repeat(n, 1)
     else:
         std = weight.to(torch.float32).std().item()
-        rows = torch.randn(n, d, generator=generator) * std
+        rows = torch.randn(n, d, generator=generator, device="cpu") * std
     return SoftPrompt(config, rows)
 
 
@@ -217,7 +217,7 @@ def trainable_rows(pipe, placeholder: str) -> torch.Tensor:
     tokens = applied_tokens(pipe, placeholder)
     if not tokens:
         raise SoftPromptError(f"soft prompt {placeholder} is not applied to this pipeline")
-    return torch.tensor(pipe.tokenizer.convert_tokens_to_ids(tokens), dtype=torch.long)
+    return torch.tensor(pipe.tokenizer.convert_tokens_to_ids(tokens), dtype=torch.long, device="cpu")
 
 
 def mask_gradients(pipe, placeholders: str | list[str]):

@@ -236,9 +236,17 @@ def _load_pipeline(name_or_path: str, path: Path, looks_local: bool, dtype: torc
     return pipe
 
 
-def load(name_or_path: str = "tiny", dtype: torch.dtype = torch.float32):
+def load(name_or_path: str = "tiny", dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
     """Load and freeze a backbone: 'tiny', a tiny-backbone weight folder, a diffusers SD pipeline folder,
-    or a hub id."""
+    or a hub id, placed on `device` in `dtype` (`placement.Placement`: None / "auto" = the first CUDA device
+    in fp16 when one is visible, else the CPU in fp32; "cpu", "cuda:1", "fp16", torch objects ...).
+
+    The placement is checked before anything loads. The weights load in float32, are fingerprinted (so the
+    fingerprint does not depend on the dtype), then cast and moved. Attention runs through PyTorch's SDPA
+    (diffusers' AttnProcessor2_0)."""
+    from .placement import Placement
+
+    device, dtype = Placement.of(device, dtype).resolve()
     if name_or_path == "tiny":
         pipe = _load_tiny()
     else:
@@ -247,15 +255,38 @@ def load(name_or_path: str = "tiny", dtype: torch.dtype = torch.float32):
         if looks_local and path.is_dir() and is_weight_folder(path):
             pipe = _load_tiny(path)  # e.g. `backbone pretrain`'s out/weights, without installing it
         else:
-            pipe = _load_pipeline(name_or_path, path, looks_local, dtype)
-    if pipe.unet.dtype != dtype:
-        pipe = pipe.to(dtype=dtype)
+            pipe = _load_pipeline(name_or_path, path, looks_local, torch.float32)
     pipe.backbone_name = name_or_path
     pipe.backbone_fingerprint = fingerprint(pipe)
+    place(pipe, device, dtype)
     return freeze(pipe)
 
 
-def load_quietly(name_or_path: str = "tiny", dtype: torch.dtype = torch.float32):
+def place(pipe, device: torch.device, dtype: torch.dtype):
+    """Move the pipeline's models to `device` in `dtype`, with SDPA attention (diffusers' default on torch 2;
+    set again so a pipeline built with other processors gets it too)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    import warnings
+
+    with warnings.catch_warnings():  # diffusers' notice about casting with to() instead of torch_dtype
+        warnings.simplefilter("ignore")
+        pipe.to(device=device, dtype=dtype)
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.vae.set_attn_processor(AttnProcessor2_0())
+    return pipe
+
+
+def compile_unet(pipe, backend: str = "inductor", mode: str | None = None):
+    """torch.compile the UNet in place (`nn.Module.compile`: the module tree and its parameter names stay, so
+    adapters still apply and multi-LoRA row routing stays exact -- tests/compose/test_scale.py). The first
+    call of each new routing compiles; the composed batch's rows keep their shapes across steps."""
+    pipe.unet.compile(backend=backend, mode=mode)
+    return pipe
+
+
+def load_quietly(name_or_path: str = "tiny", dtype: torch.dtype | str | None = None,
+                 device: torch.device | str | None = None):
     """`load` without the libraries' progress bars and dtype notices on stderr (errors stay one line)."""
     import warnings
 
@@ -269,7 +300,7 @@ def load_quietly(name_or_path: str = "tiny", dtype: torch.dtype = torch.float32)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename notice
-            return load(name_or_path, dtype)
+            return load(name_or_path, dtype, device)
     finally:
         for m, level, bar in saved:
             m.set_verbosity(level)

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..adapters.errors import AdapterError
     from ..backbone.loading import BackboneError
+    from ..backbone.placement import PlacementError
     from ..compose.request import ComposeError
     from ..registry.registry import RegistryError
     from ..util.config import ConfigError
@@ -34,10 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..world.domains import UnknownDomainError
     from eval.errors import EvalError
 
+    from .common import check_placement
+
     args = build_parser().parse_args(argv)
     try:
+        check_placement(args)
         args.func(args)
-    except (UsageError, ConfigError, BackboneError, UnknownDomainError, FileNotFoundError, AdapterError,
+    except (UsageError, ConfigError, BackboneError, PlacementError, UnknownDomainError, FileNotFoundError, AdapterError,
             ComposeError, RegistryError, HubError, KeyStoreError, EvalError) as e:
         print(f"prompt-cdm: error: {e}", file=sys.stderr)
         return 2

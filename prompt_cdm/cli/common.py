@@ -16,10 +16,37 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="merge the recipe's [smoke] section (a seconds-long run)")
 
 
-def _load_backbone_quietly(name: str):
+def add_placement(p: argparse.ArgumentParser, what: str = "the backbone") -> None:
+    """--device / --dtype: where `what` runs (checked before any model loads; backbone.placement)."""
+    from ..backbone.placement import DEVICE_HELP, DTYPE_HELP
+
+    p.add_argument("--device", default="auto", help=f"{what}: {DEVICE_HELP}")
+    p.add_argument("--dtype", default="auto", help=f"{what}: {DTYPE_HELP}")
+
+
+def add_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step; then faster on "
+                   "a GPU; routing stays exact)")
+
+
+def check_placement(a) -> None:
+    """Resolve a command's --device / --dtype now: a device that is not there is refused before anything runs."""
+    from ..backbone.placement import Placement
+
+    if hasattr(a, "device") and hasattr(a, "dtype"):
+        Placement.of(a.device, a.dtype).resolve()
+
+
+def _load_backbone_quietly(name: str, a=None):
+    """The backbone `name`, placed by the command's --device / --dtype (if it has them)."""
     from ..backbone.loading import load_quietly
 
-    return load_quietly(name)
+    pipe = load_quietly(name, getattr(a, "dtype", None), getattr(a, "device", None))
+    if getattr(a, "compile", False):
+        from ..backbone.loading import compile_unet
+
+        compile_unet(pipe)
+    return pipe
 
 
 def _read_prompts(a) -> list[str]:

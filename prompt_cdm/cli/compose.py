@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UsageError, _load_backbone_quietly, _read_prompts
+from .common import UsageError, _load_backbone_quietly, _read_prompts, add_compile, add_placement
 
 
 # ComposeRequest fields spelled by hand on the command line (old spellings kept); every other field is a
@@ -44,7 +44,7 @@ def cmd_generate(a) -> None:
         reg.resolve(request.sources, request.policy)  # unknown sources and policies, before the backbone loads
     elif request.sources or request.policy:
         raise UsageError("--sources and --policy select from a registry: pass --registry DIR")
-    pipe = _load_backbone_quietly(a.backbone or (reg.backbone["name"] if reg else "tiny"))
+    pipe = _load_backbone_quietly(a.backbone or (reg.backbone["name"] if reg else "tiny"), a)
     res = CDMPipeline(pipe, registry=reg, adapters=a.adapter)(request)
     images = res.images
     save_image(a.out, images[0] if len(images) == 1 else grid(images, cols=min(8, len(images))))
@@ -62,7 +62,7 @@ def cmd_generate(a) -> None:
 def cmd_registry_init(a) -> None:
     from ..registry.registry import Registry
 
-    pipe = _load_backbone_quietly(a.backbone)
+    pipe = _load_backbone_quietly(a.backbone)  # the fingerprint does not depend on the placement
     reg = Registry.create(a.registry, a.backbone, pipe.backbone_fingerprint)
     print(f"registry {reg.folder} for backbone {a.backbone} ({pipe.backbone_fingerprint})")
 
@@ -131,7 +131,7 @@ def cmd_router_cache(a) -> None:
     reg = Registry(a.registry)
     if a.source is not None:
         reg.source(a.source)
-    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"])
+    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"], a)
     print(f"cached -> {reg.folder / cache_latents(reg, a.source, pipe, a.data)}")
 
 
@@ -148,10 +148,11 @@ def cmd_router_train(a) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     names = reg.resolve(a.sources.split(",") if a.sources else None)
-    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"])
+    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"], a)
     if pipe.backbone_fingerprint != reg.backbone["fingerprint"]:
         raise UsageError(f"--backbone is not the registry's backbone ({reg.backbone['name']})")
-    print(json.dumps(train_router(reg, a.kind, pipe.scheduler.alphas_cumprod, cfg, names), indent=1))
+    device = pipe.unet.device  # the routers train where the backbone runs
+    print(json.dumps(train_router(reg, a.kind, pipe.scheduler.alphas_cumprod, cfg, names, device=device), indent=1))
 
 
 def add_parsers(sub) -> None:
@@ -178,6 +179,8 @@ def add_parsers(sub) -> None:
     add_set(g, "composition request (compose.request.ComposeRequest)")
     g.add_argument("--out", required=True, help="output image (PNG)")
     g.add_argument("--trace", default=None, metavar="T.json", help="write the routing trace and its plot T.png")
+    add_placement(g)
+    add_compile(g)
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("registry", help="the set of sources: add, list, verify, forget, access policies")
@@ -221,6 +224,7 @@ def add_parsers(sub) -> None:
     rc.add_argument("--reference", action="store_true", help="the public reference set of the ratio heads")
     rc.add_argument("--data", required=True, metavar="DIR", help="imagefolder (images + metadata.jsonl)")
     rc.add_argument("--backbone", default=None, help="default: the registry's backbone")
+    add_placement(rc)
     rc.set_defaults(func=cmd_router_cache)
     rt = rr.add_parser("train", help="train the classifier (sees every source) or per-source ratio heads")
     reg_arg(rt)
@@ -230,4 +234,5 @@ def add_parsers(sub) -> None:
     rt.add_argument("--no-context", dest="use_context", action="store_false", help="do not read the caption embedding")
     add_set(rt, "router training (routing.routers.RouterTrainConfig)")
     rt.add_argument("--backbone", default=None, help="default: the registry's backbone")
+    add_placement(rt, "the backbone and the routers' training")
     rt.set_defaults(func=cmd_router_train)

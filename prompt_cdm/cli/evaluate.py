@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UsageError
+from .common import UsageError, add_placement
 
 
 def cmd_eval_backbone(a) -> None:
     from eval.backbone_quality import evaluate_backbone
 
     res = evaluate_backbone(a.backbone, a.domains.split(","), n=a.n, steps=a.steps, guidance=a.guidance,
-                            seed=a.seed, out=a.out)
+                            seed=a.seed, out=a.out, device=a.device, dtype=a.dtype)
     print(json.dumps(res, indent=1))
 
 
@@ -138,5 +138,6 @@ def add_parsers(sub) -> None:
     eb.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     eb.add_argument("--seed", type=int, default=0, help="sampling seed")
     eb.add_argument("--out", default=None, help="folder for results.json and sample grids")
+    add_placement(eb)
     eb.set_defaults(func=cmd_eval_backbone)
     _add_eval_parsers(e)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import UsageError, _load_backbone_quietly
+from .common import UsageError, _load_backbone_quietly, add_compile, add_placement
 
 
 def serve_config(a):
@@ -30,7 +30,7 @@ def cmd_serve(a) -> None:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"])
+    pipe = _load_backbone_quietly(a.backbone or reg.backbone["name"], a)
     app = create_app(a.registry, pipe, cfg)
     try:
         run(app, a.host, a.port, announce=lambda line: print(line, flush=True))
@@ -79,6 +79,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
     s.add_argument("--backbone", default=None, help="default: the registry's backbone")
+    add_placement(s)
+    add_compile(s)
     add_fields(s, ServeConfig, aliases={"timeout_s": ["--timeout"]}, defaults={"default_steps": None})
     add_set(s, "service's bounds (serve.app.ServeConfig)", "max_steps=20")
     s.set_defaults(func=cmd_serve)

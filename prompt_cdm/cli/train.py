@@ -17,6 +17,9 @@ def _train_config(a):
         overrides.append(f'kind="{a.kind}"')
     if a.steps is not None:
         overrides.append(f"steps={a.steps}")
+    for key in ("device", "dtype"):  # the flags win over the recipe's keys
+        if getattr(a, key) is not None:
+            overrides.append(f'{key}="{getattr(a, key)}"')
     return config.load(TrainConfig, a.recipe, overrides, smoke=a.smoke)
 
 
@@ -62,6 +65,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="merge the recipe's [smoke] section (a seconds-long run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lora.rank=8 (type-checked; repeatable)")
+    from ..backbone.placement import DEVICE_HELP, DTYPE_HELP
+
+    p.add_argument("--device", default=None, help=f"the backbone (default: the recipe's `device`, else auto): "
+                   f"{DEVICE_HELP}")
+    p.add_argument("--dtype", default=None, help=f"the frozen backbone (default: the recipe's `dtype`, else auto): "
+                   f"{DTYPE_HELP}")
 
 
 def add_parsers(sub) -> None:

@@ -37,6 +37,7 @@ from ..estimators import MixOutput, WeightEstimator, mix_step
 from ..core.mixing import guided_rows, normalize, prior_logits
 from ..core.sigmas import step_sigmas
 from .request import UNCOND_MODES, ComposeError
+from .rows import RowBudgetError, auto_max_rows, check_max_rows
 
 # "plain": the backbone as it stands, nothing routed (an adapter merged into it or active on it applies to
 # every row) -- composed alone it is plain text-to-image, the n = 1 case of the one loop
@@ -138,7 +139,9 @@ class ComposedDenoiser:
     lambda(c) [N x n] (or [n]) multiplied into the estimator's prior lambda (0 = never). sparse_eps > 0
     turns on sparse routing after `warmup_frac` of the steps. router_context: pass the frozen
     encoder's caption embedding to the estimator's router as `context=[N x L x D]` (the c of
-    classifier/ratio heads). Call `reset()` before reusing it for a new trajectory.
+    classifier/ratio heads). max_rows: UNet rows per pass (`rows.py`; None: automatic -- unlimited on
+    the CPU, what free memory holds on CUDA); the rows of one step are split into passes of at most that
+    many, which changes nothing but memory. Call `reset()` before reusing it for a new trajectory.
     """
 
     pipe: object = field(repr=False)
@@ -155,6 +158,7 @@ class ComposedDenoiser:
     callback: Callable[[int, torch.Tensor, MixOutput], None] | None = None
     negative_prompt: str = ""
     router_context: bool = False
+    max_rows: int | None = None
     last: StepRecord | None = field(default=None, init=False, repr=False)
     rows_per_step: list[int] = field(default_factory=list, init=False, repr=False)
 
@@ -170,16 +174,24 @@ class ComposedDenoiser:
             raise ComposeError(f"uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
         if not isinstance(self.estimator, WeightEstimator):
             raise ComposeError(f"estimator must be a WeightEstimator, got {type(self.estimator).__name__}")
+        try:
+            check_max_rows(self.max_rows, len(self.sources), self.uncond, self.guidance_scale != 1.0)
+        except RowBudgetError as e:
+            raise ComposeError(str(e)) from None
+        self._budget = self.max_rows
         if self.sparse_eps < 0 or not 0.0 <= self.warmup_frac <= 1.0:
             raise ComposeError(f"need sparse_eps >= 0 and warmup_frac in [0, 1], got {self.sparse_eps}, "
                                f"{self.warmup_frac}")
         n, N = len(self.sources), len(self.prompts)
+        dev = self.device
         try:
-            allowed = torch.ones(n, dtype=torch.bool) if self.allowed is None else self.allowed
-            self._allowed = normalize(torch.ones(N, n), allowed) > 0  # validates shape and non-empty rows
+            allowed = torch.ones(n, dtype=torch.bool, device=dev) if self.allowed is None else self.allowed
+            # validates shape and non-empty rows
+            self._allowed = normalize(torch.ones(N, n, device=dev), torch.as_tensor(allowed, device=dev)) > 0
             self._prior = None
             if self.prompt_prior is not None:
-                self._prior = torch.broadcast_to(prior_logits(self.prompt_prior), (N, n)).clone()
+                prior = prior_logits(torch.as_tensor(self.prompt_prior, device=dev))
+                self._prior = torch.broadcast_to(prior, (N, n)).clone()
         except ValueError as e:
             raise ComposeError(str(e)) from None
         self._encode()
@@ -188,6 +200,11 @@ class ComposedDenoiser:
     @property
     def n(self) -> int:
         return len(self.sources)
+
+    @property
+    def device(self) -> torch.device:
+        """The UNet's device: every tensor of the composition lives there."""
+        return self.pipe.unet.device
 
     @property
     def batch(self) -> int:
@@ -216,7 +233,7 @@ class ComposedDenoiser:
 
     def reset(self) -> None:
         """Start a new trajectory (same prompts and sources)."""
-        self.estimator.reset(self.n, self.batch)
+        self.estimator.reset(self.n, self.batch, self.device)
         if self._prior is not None:  # lambda_i(c) ∝ lambda_i p_i(c): add the logs, renormalise
             lp = self.estimator.log_prior.to(self._prior.dtype) + self._prior
             if not bool(torch.isfinite(lp.max(dim=-1).values).all()):
@@ -235,8 +252,8 @@ class ComposedDenoiser:
         each block of rows goes back."""
         N = self.batch
         pairs = active.t().nonzero().tolist()  # [(source i, image j)], grouped by source
-        idx_i = torch.tensor([p[0] for p in pairs], dtype=torch.long)
-        idx_j = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+        idx_i = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=x.device)
+        idx_j = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=x.device)
         xs, embs, names = [], [], []
         if guided and self.uncond == "shared":
             xs.append(x)
@@ -269,12 +286,7 @@ class ComposedDenoiser:
         guided = self.guidance_scale != 1.0  # g == 1 needs no unconditional rows
         active = self._active.to(x.device)
         xs, embs, names, idx_i, idx_j = self._rows(x, active, guided)
-        unet = self.pipe.unet
-        if not self._plain and (any(nm != BASE for nm in names) or lora_layers(unet)):
-            with route_rows(unet, names):
-                out = unet(xs, t, encoder_hidden_states=embs).sample
-        else:
-            out = unet(xs, t, encoder_hidden_states=embs).sample
+        out = self._unet(xs, t, embs, names)
 
         n, N, m = self.n, self.batch, len(idx_i)
         eps_rows = x.new_zeros((n, N, *x.shape[1:]))
@@ -296,6 +308,23 @@ class ComposedDenoiser:
         if self.callback is not None:
             self.callback(step, t, mixed)
         return mixed.eps
+
+    def _unet(self, xs: torch.Tensor, t, embs: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The UNet on the stacked rows, each routed to its adapter, in passes of at most the row budget."""
+        unet = self.pipe.unet
+        routed = not self._plain and (any(nm != BASE for nm in names) or lora_layers(unet))
+        if self._budget is None and xs.device.type == "cuda":
+            self._budget = auto_max_rows(unet, xs[:1], t, embs[:1])
+        step = self._budget or len(names)
+        outs = []
+        for s in range(0, len(names), step):
+            x, e = xs[s: s + step], embs[s: s + step]
+            if routed:
+                with route_rows(unet, names[s: s + step]):
+                    outs.append(unet(x, t, encoder_hidden_states=e).sample)
+            else:
+                outs.append(unet(x, t, encoder_hidden_states=e).sample)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def on_step(self, step: int, t, x_next: torch.Tensor) -> None:
         """The sampling loop's callback after step `step` took the latents to `x_next`.

@@ -29,6 +29,7 @@ import torch
 from ..estimators import ESTIMATORS, WeightEstimator, get_estimator
 from .denoiser import PLAIN, ComposedDenoiser, ComposedSource, as_sources
 from .request import ComposeError, ComposeRequest, ProviderError, lambdas_for
+from .rows import RowBudgetError, check_max_rows
 
 
 # ---------------------------------------------------------------- the pieces a request needs
@@ -75,7 +76,8 @@ def make_scheduler(pipe, name: str | None = None):
     if name not in compatible:
         raise ComposeError(f"unknown scheduler {name!r}; valid: {', '.join(sorted(compatible))}")
     try:
-        return compatible[name].from_config(pipe.scheduler.config)
+        with torch.device("cpu"):  # the schedule's tables start on the CPU; diffusers moves them to the samples
+            return compatible[name].from_config(pipe.scheduler.config)
     except ImportError as e:  # diffusers' placeholders for schedulers with extra dependencies
         raise ComposeError(f"scheduler {name!r} needs an extra package: {str(e).splitlines()[0]}") from None
 
@@ -145,7 +147,9 @@ class ComposeResult:
 def initial_noise(shape: Sequence[int], generator: torch.Generator, device=None, dtype=None) -> torch.Tensor:
     """Unit Gaussian latents drawn from a CPU `generator` and then moved to the model's device and dtype
     (diffusers' `randn_tensor` with a CPU generator): the same seed gives the same image on any device."""
-    return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(tuple(shape), generator=generator, device=torch.device(device or "cpu"), dtype=dtype)
 
 
 @torch.no_grad()
@@ -153,7 +157,8 @@ def compose_images(pipe, sources: Sequence, prompts: Sequence[str], estimator: W
                    steps: int = 25, guidance_scale: float = 5.0, seed: int = 0, batch_size: int = 16,
                    scheduler=None, uncond: str = "shared", allowed=None, prompt_prior=None,
                    sparse_eps: float = 0.0, warmup_frac: float = 0.0, router_context: bool = False,
-                   output_type: str = "pil", progress: bool = False, size: int | None = None) -> ComposeResult:
+                   output_type: str = "pil", progress: bool = False, size: int | None = None,
+                   max_rows: int | None = None) -> ComposeResult:
     """Generate one image per prompt from the composition, with diffusers' seeding semantics.
 
     Each batch of prompts draws its noise and then the sampler's noise from one
@@ -162,7 +167,7 @@ def compose_images(pipe, sources: Sequence, prompts: Sequence[str], estimator: W
     backbone as it stands. `scheduler`: a diffusers scheduler (default: the pipeline's); it is copied per batch.
     allowed / prompt_prior: per image [N x n] (or [n]) over all the prompts. The estimator is reset for
     every batch; the sampler hands each step's x_{k+1} to the denoiser (`ComposedDenoiser.on_step`).
-    size: image size in pixels (default: the backbone's)."""
+    size: image size in pixels (default: the backbone's). max_rows: UNet rows per pass (compose/rows.py)."""
     from tqdm.auto import tqdm
 
     from ..core.attribution import TraceRecorder
@@ -177,10 +182,10 @@ def compose_images(pipe, sources: Sequence, prompts: Sequence[str], estimator: W
     def rows(v, s, e):
         if v is None:
             return None
-        v = torch.as_tensor(v)
+        v = torch.as_tensor(v, device=unet.device)
         return v[s:e] if v.dim() == 2 else v
 
-    if allowed is not None and torch.as_tensor(allowed).dim() == 2 and len(allowed) != len(prompts):
+    if allowed is not None and torch.as_tensor(allowed, device="cpu").dim() == 2 and len(allowed) != len(prompts):
         raise ComposeError(f"allowed has {len(allowed)} rows for {len(prompts)} prompts")
     unet = pipe.unet
     c = unet.config.in_channels
@@ -196,7 +201,8 @@ def compose_images(pipe, sources: Sequence, prompts: Sequence[str], estimator: W
         denoise = ComposedDenoiser(pipe, sources, chunk, estimator, sched, guidance_scale=guidance_scale,
                                    uncond=uncond, allowed=rows(allowed, s, s + len(chunk)),
                                    prompt_prior=rows(prompt_prior, s, s + len(chunk)), sparse_eps=sparse_eps,
-                                   warmup_frac=warmup_frac, callback=rec, router_context=router_context)
+                                   warmup_frac=warmup_frac, callback=rec, router_context=router_context,
+                                   max_rows=max_rows)
         latents = sample(denoise, sched, noise, steps, generator=gen, callback=denoise.on_step)
         traces.append(rec)
         rows_per_step.append(list(denoise.rows_per_step))
@@ -371,6 +377,11 @@ class CDMPipeline:
         uncond = request.uncond_for(len(sources))
         # 6. sparse routing after the warm-up, or dense mixing
         sparse_eps, warmup = request.sparse_settings
+        # 7. the row budget must hold one image's rows (checked here: nothing has run yet)
+        try:
+            check_max_rows(request.max_rows, len(sources), uncond, request.guidance != 1.0)
+        except RowBudgetError as e:
+            raise ComposeError(str(e)) from None
         return ComposePlan(request, sources, scheduler, estimator, context, prompt_prior, uncond, sparse_eps, warmup)
 
     def _caption_prior(self, names: list[str], prompts: list[str], strength: float) -> torch.Tensor:
@@ -392,14 +403,14 @@ class CDMPipeline:
 
     @torch.no_grad()
     def run(self, plan: "ComposePlan", *, output_type: str = "pil", progress: bool = False) -> ComposeResult:
-        """7. The image loop of a plan: noise from CPU generators moved to the model, the sampler's steps
-        (one batched UNet pass each), decoding."""
+        """8. The image loop of a plan: noise from CPU generators moved to the model, the sampler's steps
+        (one batched UNet pass each, split by the row budget), decoding."""
         r = plan.request
         return compose_images(self.backbone, plan.sources, r.prompts, plan.estimator, steps=r.steps,
                               guidance_scale=r.guidance, seed=r.seed, batch_size=r.batch_size, scheduler=plan.scheduler,
                               uncond=plan.uncond, prompt_prior=plan.prompt_prior, sparse_eps=plan.sparse_eps,
                               warmup_frac=plan.warmup_frac, router_context=plan.router_context,
-                              output_type=output_type, progress=progress, size=r.size)
+                              output_type=output_type, progress=progress, size=r.size, max_rows=r.max_rows)
 
 
 @dataclass

@@ -114,6 +114,9 @@ class ComposeRequest:
     scheduler: str | None = field(default=None, metadata={"help": "diffusers scheduler class (default: the backbone's)"})
     temperature: float = field(default=1.0, metadata={"help": "estimator temperature (learned / trajectory estimators)"})
     size: int | None = field(default=None, metadata={"help": "image size in pixels (default: the backbone's)"})
+    # the rows of one step split into passes of at most this many (compose/rows.py); changes memory, not images
+    max_rows: int | None = field(default=None, metadata={
+        "help": "UNet rows per pass (default: automatic -- unlimited on the CPU, what free GPU memory holds)"})
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
@@ -143,6 +146,8 @@ class ComposeRequest:
                 raise ComposeError("weights: every lambda must be a finite number")
         if self.batch_size < 1:
             raise ComposeError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ComposeError(f"--max-rows must be >= 1, got {self.max_rows}")
 
     def uncond_for(self, n_sources: int) -> str:
         return self.uncond or default_uncond(n_sources)

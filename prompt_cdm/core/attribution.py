@@ -16,6 +16,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .mixing import as_tensor
+
 
 def _number(v) -> int | float:
     if isinstance(v, torch.Tensor):
@@ -42,7 +44,7 @@ class TraceRecorder:
 
     def __call__(self, step: int, t, weights) -> None:
         w = getattr(weights, "weights", weights)
-        w = torch.as_tensor(w).detach().to("cpu", torch.float32)
+        w = as_tensor(w).detach().to("cpu", torch.float32)
         if w.dim() != 2:
             raise ValueError(f"TraceRecorder: weights must be [N x n], got shape {tuple(w.shape)}")
         if self._weights and w.shape != self._weights[0].shape:
@@ -81,7 +83,7 @@ class TraceRecorder:
 
 
 def _check_trace(trace: torch.Tensor) -> torch.Tensor:
-    trace = torch.as_tensor(trace)
+    trace = as_tensor(trace)
     if trace.dim() != 3 or trace.shape[0] == 0:
         raise ValueError(f"a trace must be [steps x N x n] with steps >= 1, got shape "
                          f"{tuple(trace.shape)}")
@@ -111,7 +113,7 @@ def trace_to_json(sources: Sequence[str], timesteps: Sequence, weights,
     names = [str(s) for s in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"source names must be unique, got {names}")
-    w = torch.as_tensor(weights, dtype=torch.float64)
+    w = as_tensor(weights).to(torch.float64)
     if w.dim() != 2 or w.shape[1] != len(names) or w.shape[0] != len(timesteps):
         raise ValueError(f"weights must be [steps x n] = ({len(timesteps)}, {len(names)}), got "
                          f"shape {tuple(w.shape)}")
@@ -121,7 +123,7 @@ def trace_to_json(sources: Sequence[str], timesteps: Sequence, weights,
             if set(values) != set(names):
                 raise ValueError(f"{what} names {sorted(values)} differ from sources {names}")
             return {n: float(values[n]) for n in names}
-        v = torch.as_tensor(values, dtype=torch.float64).flatten()
+        v = as_tensor(values).to(torch.float64).flatten()
         if v.numel() != len(names):
             raise ValueError(f"{what} has {v.numel()} values for {len(names)} sources")
         return dict(zip(names, v.tolist()))

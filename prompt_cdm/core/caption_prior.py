@@ -71,8 +71,8 @@ def log_likelihood(stats: CaptionStats, ids: Sequence[int], alpha: float = 0.1) 
     """log p(c) of one caption's content token ids under the source's smoothed unigram model."""
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    denom = torch.log(torch.tensor(stats.total + alpha * stats.vocab_size, dtype=torch.float64))
-    num = torch.tensor([stats.counts.get(int(i), 0) + alpha for i in ids], dtype=torch.float64)
+    denom = torch.log(torch.tensor(stats.total + alpha * stats.vocab_size, dtype=torch.float64, device="cpu"))
+    num = torch.tensor([stats.counts.get(int(i), 0) + alpha for i in ids], dtype=torch.float64, device="cpu")
     return float((torch.log(num) - denom).sum())
 
 
@@ -86,7 +86,7 @@ def prior(stats: Sequence[CaptionStats], id_lists: Sequence[Sequence[int]], alph
         raise ValueError(f"strength must be >= 0, got {strength}")
     if len({s.vocab_size for s in stats}) != 1:
         raise ValueError("caption prior: the sources' statistics come from different vocabularies")
-    ll = torch.tensor([[log_likelihood(s, ids, alpha) for s in stats] for ids in id_lists], dtype=torch.float64)
+    ll = torch.tensor([[log_likelihood(s, ids, alpha) for s in stats] for ids in id_lists], dtype=torch.float64, device="cpu")
     p = torch.softmax(strength * ll.reshape(len(id_lists), len(stats)), dim=-1).clamp_min(FLOOR)
     return (p / p.sum(dim=-1, keepdim=True)).float()
 

@@ -22,6 +22,13 @@ from typing import Sequence
 import torch
 
 
+
+def as_tensor(v) -> torch.Tensor:
+    """A tensor stays where it is; a Python number or list becomes a CPU tensor (named, not the default
+    device: the composition's device test runs with the default device set to `meta`)."""
+    return v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device="cpu")
+
+
 def guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """[N x C x H x W] unconditional and conditional predictions -> guided prediction."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
@@ -84,7 +91,7 @@ def normalize(weights: torch.Tensor, allowed: torch.Tensor | Sequence[bool] | No
     their softmax over the allowed subset. Raises ValueError when a row allows no source, when
     weights are negative or NaN, or when the allowed weights of a row do not sum to a positive number.
     """
-    w = torch.as_tensor(weights)
+    w = as_tensor(weights)
     if not torch.is_floating_point(w):
         w = w.to(torch.get_default_dtype())
     if w.dim() not in (1, 2) or w.shape[-1] == 0:
@@ -116,7 +123,7 @@ def prior_logits(lambdas: torch.Tensor | Sequence[float]) -> torch.Tensor:
 
     Raises ValueError unless every lambda is a non-negative finite number and each row sums to > 0.
     """
-    lam = torch.as_tensor(lambdas)
+    lam = as_tensor(lambdas)
     if not torch.is_floating_point(lam):
         lam = lam.to(torch.get_default_dtype())
     if lam.dim() not in (1, 2) or lam.shape[-1] == 0:

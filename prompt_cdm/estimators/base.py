@@ -6,7 +6,7 @@ through `set_state`, a named output. An estimator answers one question for the C
 Lifecycle, once per trajectory and once per step:
 
     est = get_estimator("ito", lambdas=[0.7, 0.3], stochastic=True)
-    est.reset(n_sources, batch)
+    est.reset(n_sources, batch, device)     # the state lives on the model's device
     for step, t in enumerate(timesteps):
         est.set_state(step, n_steps, t, sigma, sigma_next)
         out = mix_step(est, x, eps_u, eps_rows, scale)   # -> MixOutput(eps, weights, active)
@@ -60,6 +60,7 @@ class WeightEstimator:
         self.lambdas = lambdas
         self.temperature = float(temperature)
         self.n_sources: int | None = None
+        self.device = torch.device("cpu")  # where reset() puts the state
         self.batch: int | None = None
         self.log_prior: torch.Tensor | None = None  # [N x n]
         self.step = 0
@@ -68,14 +69,16 @@ class WeightEstimator:
         self.sigma: float | None = None
         self.sigma_next: float | None = None
 
-    def reset(self, n_sources: int, batch: int) -> None:
-        """Start a new trajectory for `batch` images composing `n_sources` sources."""
+    def reset(self, n_sources: int, batch: int, device: torch.device | str | None = None) -> None:
+        """Start a new trajectory for `batch` images composing `n_sources` sources; the estimator's state
+        (prior, accumulated evidence) lives on `device` (the model's; default CPU), in float32 or wider."""
         if n_sources < 1 or batch < 1:
             raise ValueError(f"need n_sources >= 1 and batch >= 1, got {n_sources}, {batch}")
+        self.device = torch.device(device or "cpu")
         if self.lambdas is None:
-            log_prior = torch.full((n_sources,), -math.log(n_sources))
+            log_prior = torch.full((n_sources,), -math.log(n_sources), device=self.device)
         else:
-            log_prior = prior_logits(self.lambdas)
+            log_prior = prior_logits(self.lambdas).to(self.device)
             if log_prior.shape[-1] != n_sources:
                 raise ValueError(f"{self.name}: got {log_prior.shape[-1]} lambdas for "
                                  f"{n_sources} sources")

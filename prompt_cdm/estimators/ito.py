@@ -110,9 +110,9 @@ class ItoEstimator(WeightEstimator):
         self.space = space
         self.ll: torch.Tensor | None = None  # [N x n] float64, log q_i up to a common constant
 
-    def reset(self, n_sources: int, batch: int) -> None:
-        super().reset(n_sources, batch)
-        self.ll = torch.zeros(batch, n_sources, dtype=torch.float64)
+    def reset(self, n_sources: int, batch: int, device=None) -> None:
+        super().reset(n_sources, batch, device)
+        self.ll = torch.zeros(batch, n_sources, dtype=torch.float64, device=self.device)
 
     def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """x in this estimator's space -> x~ = x / sqrt(abar) at noise level sigma."""

@@ -34,10 +34,10 @@ class WatchedEstimator(WeightEstimator):
         super().__init__(None, 1.0)
         self.trajectories: list[list[torch.Tensor]] = []  # per reset: the watched weights [N x n] per step
 
-    def reset(self, n_sources: int, batch: int) -> None:
-        super().reset(n_sources, batch)
-        self.drive.reset(n_sources, batch)
-        self.watch.reset(n_sources, batch)
+    def reset(self, n_sources: int, batch: int, device=None) -> None:
+        super().reset(n_sources, batch, device)
+        self.drive.reset(n_sources, batch, device)
+        self.watch.reset(n_sources, batch, device)
         if not self.trajectories or self.trajectories[-1]:  # a reset before any step starts nothing new
             self.trajectories.append([])
 

@@ -35,8 +35,8 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
     cfg = RouterTrainConfig(steps=router_steps)
     abar = pipe.scheduler.alphas_cumprod
     if "classifier" in kinds and ("classifier" not in reg.routers or reg.router("classifier").get("stale")):
-        report["classifier"] = train_router(reg, "classifier", abar, cfg, domains)
+        report["classifier"] = train_router(reg, "classifier", abar, cfg, domains, device=pipe.unet.device)
     missing = [d for d in domains if f"ratio-{d}" not in reg.routers] if "ratio" in kinds else []
     if missing:
-        report["ratio"] = train_router(reg, "ratio", abar, cfg, missing)
+        report["ratio"] = train_router(reg, "ratio", abar, cfg, missing, device=pipe.unet.device)
     return reg, report

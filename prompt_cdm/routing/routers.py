@@ -125,9 +125,11 @@ def encode_imagefolder(pipe, folder, batch_size: int = 32, name: str | None = No
         except SourceError as e:
             raise RegistryError(str(e)) from None
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        lat.append(pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)
-        ctx.append(encode_prompts(pipe, [source.items[i].text for i in idx]).mean(dim=1))
-    return {LATENTS: torch.cat(lat).float(), CONTEXT: torch.cat(ctx).float()}
+        vae = pipe.vae
+        lat.append((vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor).cpu())
+        ctx.append(encode_prompts(pipe, [source.items[i].text for i in idx]).mean(dim=1).float().cpu())
+    # latents in the backbone's dtype (half the bytes in fp16); the routers train on them in float32
+    return {LATENTS: torch.cat(lat), CONTEXT: torch.cat(ctx)}
 
 
 def cache_latents(registry: Registry, name: str | None, pipe, folder) -> str:
@@ -230,13 +232,15 @@ class RouterTrainConfig:
 
 
 def _noised(data: dict[str, torch.Tensor], abar: torch.Tensor, k: int, g: torch.Generator):
-    """k random cached latents, noised at uniform random timesteps (DDPM forward process, VP space)."""
-    idx = torch.randint(len(data[LATENTS]), (k,), generator=g)
-    x0 = data[LATENTS][idx]
-    t = torch.randint(len(abar), (k,), generator=g)
-    a = abar[t].float().view(-1, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
-    return xt, t, data[CONTEXT][idx]
+    """k random cached latents, noised at uniform random timesteps (DDPM forward process, VP space), in
+    float32 on the data's device; the draws come from the CPU generator `g` (the same on every device)."""
+    dev = data[LATENTS].device
+    idx = torch.randint(len(data[LATENTS]), (k,), generator=g, device="cpu").to(dev)
+    x0 = data[LATENTS][idx].float()
+    t = torch.randint(len(abar), (k,), generator=g, device="cpu").to(dev)
+    a = abar.to(dev)[t].float().view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g, device="cpu").to(dev)
+    return xt, t, data[CONTEXT][idx].float()
 
 
 def _fit(net: torch.nn.Module, step_loss, cfg: RouterTrainConfig) -> dict:
@@ -254,20 +258,33 @@ def _fit(net: torch.nn.Module, step_loss, cfg: RouterTrainConfig) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+def new_net(config: RouterConfig, device=None) -> RouterNet:
+    """A router initialised on the CPU (the same weights whatever the device; torch's global seed), then moved."""
+    with torch.device("cpu"):
+        return RouterNet(config).to(device or "cpu")
+
+
+def _on(data: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in data.items()}
+
+
 def train_classifier(data: Sequence[dict[str, torch.Tensor]], alphas_cumprod: torch.Tensor,
-                     cfg: RouterTrainConfig = RouterTrainConfig()) -> tuple[RouterNet, dict]:
+                     cfg: RouterTrainConfig = RouterTrainConfig(), device=None) -> tuple[RouterNet, dict]:
     """The n-way noise-aware classifier on every source's cached latents (balanced batches, so its
-    logits need no train-prior correction). Returns (net, report)."""
+    logits need no train-prior correction), trained on `device` (default CPU; the weights are initialised
+    and the batches drawn on the CPU, so the run does not depend on it). Returns (net, report)."""
+    device = torch.device(device or "cpu")
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    data = [_on(d, device) for d in data]
     first = data[0]
-    net = RouterNet(RouterConfig(in_channels=first[LATENTS].shape[1], out_dim=len(data),
-                                 context_dim=first[CONTEXT].shape[1] if cfg.use_context else 0,
-                                 num_train_timesteps=len(alphas_cumprod)))
+    net = new_net(RouterConfig(in_channels=first[LATENTS].shape[1], out_dim=len(data),
+                               context_dim=first[CONTEXT].shape[1] if cfg.use_context else 0,
+                               num_train_timesteps=len(alphas_cumprod)), device)
 
     def step_loss() -> torch.Tensor:
-        xs, ts, cs, ys = zip(*[(*_noised(d, alphas_cumprod, cfg.batch_size, g), torch.full((cfg.batch_size,), i))
-                               for i, d in enumerate(data)])
+        xs, ts, cs, ys = zip(*[(*_noised(d, alphas_cumprod, cfg.batch_size, g),
+                                torch.full((cfg.batch_size,), i, device=device)) for i, d in enumerate(data)])
         logits = net(torch.cat(xs), torch.cat(ts), torch.cat(cs) if cfg.use_context else None)
         return classifier_loss(logits, torch.cat(ys))
 
@@ -275,13 +292,17 @@ def train_classifier(data: Sequence[dict[str, torch.Tensor]], alphas_cumprod: to
 
 
 def train_ratio_head(source: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                     alphas_cumprod: torch.Tensor, cfg: RouterTrainConfig = RouterTrainConfig()) -> tuple[RouterNet, dict]:
-    """One source's head h(x_t, t, c) ~ log p_source / p_ref, from its latents and the reference set only."""
+                     alphas_cumprod: torch.Tensor, cfg: RouterTrainConfig = RouterTrainConfig(),
+                     device=None) -> tuple[RouterNet, dict]:
+    """One source's head h(x_t, t, c) ~ log p_source / p_ref, from its latents and the reference set only
+    (trained on `device`, as `train_classifier`)."""
+    device = torch.device(device or "cpu")
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    net = RouterNet(RouterConfig(in_channels=source[LATENTS].shape[1], out_dim=1,
-                                 context_dim=source[CONTEXT].shape[1] if cfg.use_context else 0,
-                                 num_train_timesteps=len(alphas_cumprod)))
+    source, reference = _on(source, device), _on(reference, device)
+    net = new_net(RouterConfig(in_channels=source[LATENTS].shape[1], out_dim=1,
+                               context_dim=source[CONTEXT].shape[1] if cfg.use_context else 0,
+                               num_train_timesteps=len(alphas_cumprod)), device)
 
     def step_loss() -> torch.Tensor:
         xs, ts, cs = _noised(source, alphas_cumprod, cfg.batch_size, g)
@@ -293,8 +314,9 @@ def train_ratio_head(source: dict[str, torch.Tensor], reference: dict[str, torch
 
 
 def train_router(registry: Registry, kind: str, alphas_cumprod: torch.Tensor, cfg: RouterTrainConfig = RouterTrainConfig(),
-                 sources: Sequence[str] | None = None) -> dict[str, dict]:
-    """Train and store routers from the registry's cached latents -> {artifact: report}.
+                 sources: Sequence[str] | None = None, device=None) -> dict[str, dict]:
+    """Train and store routers from the registry's cached latents -> {artifact: report}, on `device`
+    (default CPU; the stored weights are float32 CPU tensors either way).
 
     classifier: one artifact `classifier` that has seen every source in `sources` (default: all).
     ratio: one artifact `ratio-NAME` per source, each having seen only that source (+ the reference)."""
@@ -303,15 +325,15 @@ def train_router(registry: Registry, kind: str, alphas_cumprod: torch.Tensor, cf
     if kind == "classifier":
         if len(names) < 2:
             raise RegistryError("a classifier router needs at least two sources")
-        net, rep = train_classifier([source_cache(registry, n) for n in names], alphas_cumprod, cfg)
-        registry.add_router("classifier", "classifier", net.state_dict(), names,
+        net, rep = train_classifier([source_cache(registry, n) for n in names], alphas_cumprod, cfg, device)
+        registry.add_router("classifier", "classifier", _cpu_state(net), names,
                             {"net": asdict(net.config), "train": asdict(cfg), "report": rep})
         out["classifier"] = rep
     elif kind == "ratio":
         ref = reference_cache(registry)
         for n in names:
-            net, rep = train_ratio_head(source_cache(registry, n), ref, alphas_cumprod, cfg)
-            registry.add_router(f"ratio-{n}", "ratio", net.state_dict(), [n],
+            net, rep = train_ratio_head(source_cache(registry, n), ref, alphas_cumprod, cfg, device)
+            registry.add_router(f"ratio-{n}", "ratio", _cpu_state(net), [n],
                                 {"net": asdict(net.config), "train": asdict(cfg), "report": rep})
             out[f"ratio-{n}"] = rep
     else:
@@ -319,12 +341,16 @@ def train_router(registry: Registry, kind: str, alphas_cumprod: torch.Tensor, cf
     return out
 
 
+def _cpu_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu() for k, v in net.state_dict().items()}
+
+
 # ---------------------------------------------------------------- inference
 
 
 def load_net(registry: Registry, artifact: str) -> tuple[RouterNet, dict]:
     meta, tensors = registry.load_router(artifact)
-    net = RouterNet(RouterConfig(**meta["config"]["net"]))
+    net = new_net(RouterConfig(**meta["config"]["net"]))
     net.load_state_dict(tensors)
     return net.eval().requires_grad_(False), meta
 
@@ -343,15 +369,15 @@ def score_fn_from_registry(registry: Registry, kind: str, names: Sequence[str]):
                                 "`prompt-cdm router train --kind classifier`")
         cols = [seen.index(n) for n in names]
 
-        def score(x, t, context=None, **_):
-            return net(x.float(), t, context)[:, cols]
+        def score(x, t, context=None, **_):  # the router follows the latents to their device, in float32
+            return net.to(x.device)(x.float(), t, context)[:, cols]
 
         return score, {}
     if kind == "ratio":
         heads = [load_net(registry, f"ratio-{n}")[0] for n in names]
 
         def score(x, t, context=None, **_):
-            return torch.cat([h(x.float(), t, context) for h in heads], dim=1)
+            return torch.cat([h.to(x.device)(x.float(), t, context) for h in heads], dim=1)
 
         return score, {}
     raise RegistryError(f"router kind must be 'classifier' or 'ratio', got {kind!r}")

@@ -52,7 +52,7 @@ LOG_NAME = "train_log.jsonl"
 CURVE_NAME = "loss_curve.png"
 # fields that do not change the weights a run produces: a run may resume with other values
 _SCHEDULE_ONLY = ("steps", "checkpoint_every", "n_samples", "sample_prompts", "sample_steps", "guidance_scale",
-                  "threads")
+                  "threads", "gradient_checkpointing", "device")
 
 
 class TrainError(ValueError):
@@ -130,6 +130,11 @@ class TrainConfig:
     sample_steps: int = field(default=25, metadata={"help": "sampler steps of the sample grid"})
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the sample grid"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = leave as is"})
+    # where the frozen backbone runs (backbone.placement); the dtype of its frozen weights changes the result
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    dtype: str = field(default="auto", metadata={"help": "frozen backbone's dtype: auto | fp32 | fp16 | bf16"})
+    # recomputes the UNet's activations in the backward pass: ~30% slower, a fraction of the memory at 512 px
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing"})
     lora: LoraTrain = field(default_factory=LoraTrain)
     soft_prompt: SoftPromptTrain = field(default_factory=SoftPromptTrain)
 
@@ -162,6 +167,9 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        from ..backbone.placement import Placement
+
+        Placement(self.device, self.dtype)  # the names; whether the device is there is checked at load
 
     @property
     def section_name(self) -> str:
@@ -216,7 +224,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 @lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed("epoch", seed, epoch)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed("epoch", seed, epoch)), device="cpu")
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -229,7 +237,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
         take = min(batch_size - len(out), n - i)
         out += _permutation(n, seed, epoch)[i : i + take].tolist()
         pos += take
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor(out, dtype=torch.long, device="cpu")
 
 
 # ---------------------------------------------------------------- folders
@@ -293,7 +301,8 @@ ENCODE_PIXELS = 16 * 64 * 64
 @torch.no_grad()
 def encode_latents(pipe, source: DataSource, resolution: int, batch: int | None = None,
                    progress: bool | None = None) -> torch.Tensor:
-    """[N x C x h x w] scaled VAE posterior means of every item (the backbone's training input)."""
+    """[N x C x h x w] scaled VAE posterior means of every item (the backbone's training input), in the
+    VAE's dtype (an fp16 backbone caches half the bytes)."""
     from tqdm.auto import tqdm
 
     batch = batch or max(1, ENCODE_PIXELS // (resolution * resolution))
@@ -304,7 +313,7 @@ def encode_latents(pipe, source: DataSource, resolution: int, batch: int | None 
         # the mean, not a sample: the tiny VAE is trained to decode means (pretrain.py), SD's posterior std is ~0.
         # contiguous: the VAE hands back channels-last means, and the UNet's convolutions round differently on
         # them (a resumed run reads the cache file, so the first run must train on the same layout)
-        z = vae.encode(x.to(device, dtype)).latent_dist.mode().float().cpu() * vae.config.scaling_factor
+        z = vae.encode(x.to(device, dtype)).latent_dist.mode().cpu() * vae.config.scaling_factor
         out.append(z.contiguous())
     return torch.cat(out)
 
@@ -313,16 +322,16 @@ def _token_ids(pipe, prompts: list[str]) -> torch.Tensor:
     from ..adapters.soft_prompt import expand_prompts
 
     tok = pipe.tokenizer
-    return tok(expand_prompts(tok, prompts), padding="max_length", max_length=tok.model_max_length,
-               truncation=True, return_tensors="pt").input_ids
+    ids = tok(expand_prompts(tok, prompts), padding="max_length", max_length=tok.model_max_length,
+              truncation=True).input_ids
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 @torch.no_grad()
 def _text_states(pipe, prompts: list[str], batch: int = 64) -> torch.Tensor:
     from ..compose.text import encode_prompts
 
-    return torch.cat([encode_prompts(pipe, prompts[s : s + batch]).float().cpu()
-                      for s in range(0, len(prompts), batch)])
+    return torch.cat([encode_prompts(pipe, prompts[s : s + batch]).cpu() for s in range(0, len(prompts), batch)])
 
 
 def build_cache(pipe, source: DataSource, cfg: TrainConfig, prompt: Callable[[str], str], uncond: str,
@@ -421,7 +430,7 @@ def _open_work(work: Path, run_info: dict, overwrite: bool) -> None:
 def _loss_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """min-SNR-gamma weights [B] (Hang et al. 2023) for epsilon or v targets; ones when gamma = 0."""
     if gamma <= 0:
-        return torch.ones(t.shape[0])
+        return torch.ones(t.shape[0], device=t.device)
     acp = scheduler.alphas_cumprod[t]
     snr = acp / (1 - acp)
     w = torch.clamp(snr, max=gamma)
@@ -494,20 +503,19 @@ def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.Path
     base_model = base_model or str(getattr(pipe, "backbone_name", None) or "unknown")
     _open_work(work, {"source_id": source.id, "data_hash": manifest.hash, "backbone": fingerprint,
                       "config": cfg.identity()}, overwrite)
+    device = pipe.unet.device  # the backbone's placement is the run's (backbone.load(device=, dtype=))
     try:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
     except (ValueError, RuntimeError) as e:
         raise TrainError(f"accelerate refuses mixed_precision={cfg.mixed_precision!r} here "
                          f"({str(e).splitlines()[0]}); use --set mixed_precision=no") from None
     if accelerator.num_processes > 1:
         raise TrainError("train one adapter per process (small adapters gain nothing from data parallelism); "
                          "run `prompt-cdm train-all --executor ray` to train sources in parallel")
-    device = accelerator.device
     threads, rng = torch.get_num_threads(), torch.get_rng_state()  # both restored when we return
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    pipe.to(device)
-    run = None
+    run, checkpointing = None, False
     try:
         run = _Run(pipe, cfg, source.id)
         cache_path = work / "cache.safetensors"  # always trained from the file: a resumed run sees the same bytes
@@ -542,9 +550,13 @@ def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.Path
                 raise TrainError(f"the unfinished run in {work} is at step {start} > steps={cfg.steps}; "
                                  f"pass --steps {start} or more, or delete {work}")
 
-        sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        with torch.device("cpu"):  # the schedule's tables start on the CPU; diffusers moves them to the samples
+            sched = DDPMScheduler.from_config(pipe.scheduler.config)
         n_train_t = sched.config.num_train_timesteps
         unet, text_encoder = pipe.unet, pipe.text_encoder
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            checkpointing = True
         run.train_mode(True)
         t0 = time.time()
         bar = tqdm(range(start, cfg.steps), desc=f"train {source.id} ({cfg.kind})", initial=start, total=cfg.steps,
@@ -554,16 +566,18 @@ def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.Path
             torch.manual_seed(_seed("dropout", cfg.seed, step))  # LoRA dropout draws from the global generator
             idx = batch_indices(n, cfg.batch_size, cfg.seed, step).to(device)
             x0 = cache["latents"][idx]
-            noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
-            t = torch.randint(0, n_train_t, (cfg.batch_size,), generator=gen)
-            drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout).to(device)
+            # every draw from the CPU generator of this step, then moved: the same run on every device
+            noise = torch.randn(x0.shape, generator=gen, device="cpu").to(device, x0.dtype)
+            t = torch.randint(0, n_train_t, (cfg.batch_size,), generator=gen, device="cpu")
+            drop = (torch.rand(cfg.batch_size, generator=gen, device="cpu") < cfg.caption_dropout).to(device)
             cond = torch.where(drop.view(-1, *[1] * (cache[text_key].ndim - 1)),
                                cache["uncond_" + text_key], cache[text_key][idx])
             xt = sched.add_noise(x0, noise, t.to(device))
             target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t.to(device))
             with accelerator.autocast():
                 states = cond if text_key == "text" else text_encoder(cond)[0]
-                pred = unet(xt, t.to(device), encoder_hidden_states=states).sample
+                # the frozen UNet runs in its own dtype; the adapter's trainable tensors stay float32
+                pred = unet(xt.to(unet.dtype), t.to(device), encoder_hidden_states=states.to(unet.dtype)).sample
             per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             loss = (_loss_weights(sched, t, cfg.min_snr_gamma).to(device) * per_item).mean()
             accelerator.backward(loss)
@@ -621,29 +635,34 @@ def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.Path
         return TrainResult(str(out), source.id, manifest.hash, cfg.steps, final,
                            figures.get("steps/s"), wall)
     finally:
+        if checkpointing:
+            pipe.unet.disable_gradient_checkpointing()
         if run is not None:
             run.close()
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
 
 
-def load_backbone(name: str):
+def load_backbone(name: str, cfg: TrainConfig | None = None):
     from ..backbone.loading import load_quietly
 
-    return load_quietly(name)
+    return load_quietly(name, cfg.dtype if cfg else None, cfg.device if cfg else None)
 
 
 def train(backbone: str, sources: list[str | os.PathLike], cfg: TrainConfig, out: str | os.PathLike, *,
           source_id: str | None = None, overwrite: bool = False, cache_dir: str | os.PathLike | None = None,
           progress: bool | None = None) -> TrainResult:
     """`prompt-cdm train`: open the source (several = their union, the paragon), load the backbone, train."""
+    from ..backbone.placement import Placement
     from ..data.sources import open_sources
+
+    Placement(cfg.device, cfg.dtype).resolve()  # a device that is not there: refused before anything is read
 
     source = open_sources(sources, source_id=source_id)
     if is_complete(out) and not overwrite:  # before the backbone loads: refusing should be instant
         raise TrainError(f"{out} already holds a trained adapter; pass --overwrite to retrain it or delete the folder")
     source.manifest(cache_dir)  # a corrupt image stops the run before anything loads
-    pipe = load_backbone(backbone)
+    pipe = load_backbone(backbone, cfg)
     return train_adapter(source, pipe, cfg, out, base_model=backbone, overwrite=overwrite, cache_dir=cache_dir,
                          progress=progress)
 
@@ -685,10 +704,11 @@ def run_job(job: TrainJob) -> TrainResult:
         torch.set_num_threads(job.threads)
     cfg = from_dict(TrainConfig, job.config)
     source = open_source(job.source, source_id=job.source_id)
-    if job.backbone not in _PIPES:
+    key = (job.backbone, cfg.device, cfg.dtype)
+    if key not in _PIPES:
         _PIPES.clear()
-        _PIPES[job.backbone] = load_backbone(job.backbone)
-    return train_adapter(source, _PIPES[job.backbone], cfg, job.out, base_model=job.backbone, cache_dir=job.cache_dir)
+        _PIPES[key] = load_backbone(job.backbone, cfg)
+    return train_adapter(source, _PIPES[key], cfg, job.out, base_model=job.backbone, cache_dir=job.cache_dir)
 
 
 def render_world_sources(domains: str | list[str], out_dir: str | os.PathLike, n_images: int,
@@ -730,9 +750,11 @@ def train_all(backbone: str, sources: list[str | os.PathLike], cfg: TrainConfig,
     ones resumed. Every source is opened and hashed first, so a bad image stops the run before any training.
     `executor`: 'local' (sequential, one backbone in memory) or 'ray' (see executors.py)."""
     from .executors import get_executor
+    from ..backbone.placement import Placement
     from ..data.sources import open_source
 
     run = get_executor(executor, **executor_options)  # refuse an unknown / uninstalled executor up front
+    Placement(cfg.device, cfg.dtype).resolve()
     opened = [open_source(s) for s in sources]
     ids = [s.id for s in opened]
     dup = next((i for i in ids if ids.count(i) > 1), None)
