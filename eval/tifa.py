@@ -1,19 +1,27 @@
 """TIFA (Hu et al. 2023): per-question correctness -> mean per caption -> mean over captions.
 
+As the official code scores it (github.com/Yushi-Hu/tifa, `tifascore/tifa_score.py`): a question scores 1
+when the VQA answer, mapped to the nearest choice (`tifa_mapping`), equals `answer` as a string (exactly;
+`normalise` ignores case and surrounding space); TIFA is the mean over captions of the per-caption mean,
+with the sample stdev over captions; accuracy per element type pools questions. `official_result` writes
+the official result file (tifa_average, tifa_stdev, accuracy_by_type, question_details, caption_scores).
+
 Question files follow TIFA v1.0 (`tifa_v1.0_question_answers.json`): a JSON list of records with
 `id` (the caption's id, shared by its questions), `caption`, `question`, `choices`, `answer`,
 `element_type`, `element` (+ `coco_val_id`). Records from `prompt-cdm world questions` have the same
-`id` and also carry `question_id`, `caption_id` and a `program` the judge evaluates exactly. A question
-scores 1 when the VQA answer, mapped to the nearest choice, equals `answer`.
+`id` and also carry `question_id`, `caption_id` and a `program` the judge evaluates exactly.
 
     prompt-cdm world render --domain base --n 200 --heldout --out runs/tifa/base
     prompt-cdm world questions --from runs/tifa/base --out runs/tifa/base_q.json
     prompt-cdm eval tifa --questions runs/tifa/base_q.json --images runs/tifa/base --backend judge \
         --out runs/tifa/base.json        # + base.jsonl (per question) + base.md (table)
+    prompt-cdm eval tifa --questions tifa_v1.0_question_answers.json --backend answers \
+        --answers mplug_result.json --format official --out tifa.json   # + tifa.official.json
 
-Images are `<caption id>.png` (or .jpg/.jpeg/.webp) in a folder, or generated on the fly. Bad input
-(records lacking keys, images missing for some ids, questions the backend cannot answer) is skipped
-and named in the result; `run_tifa` writes what it could score, then raises EvalError.
+Images are `<caption id>.png` (or .jpg/.jpeg/.webp) in a folder, the official id -> path JSON, or
+generated on the fly; files are read in chunks, never all held. Bad input (records lacking keys, images
+missing for some ids, questions the backend cannot answer) is skipped and named in the result; `run_tifa`
+writes what it could score, then raises EvalError.
 """
 from __future__ import annotations
 

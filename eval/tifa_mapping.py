@@ -241,3 +241,33 @@ def get_mapper(mapping: str | None = None, sbert: str | Path | None = None, devi
         raise EvalError(f"unknown answer mapping {mapping!r}; valid: {', '.join(MAPPINGS)}")
     model = official_model_dir() if mapping == "official" else None
     return ChoiceMapper(model, device=device, normalise=normalise, name=mapping)
+
+
+def agreement(mapper: ChoiceMapper, items: Sequence[dict]) -> tuple[int, list[dict]]:
+    """How many of `items` ({answer, choices, official}) `mapper` maps to the official choice, and the rest
+    (each with the choice it picked as `got`)."""
+    got = mapper.map([it["answer"] for it in items], [it["choices"] for it in items])
+    misses = [dict(it, got=g) for it, g in zip(items, got) if g != it["official"]]
+    return len(items) - len(misses), misses
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m eval.tifa_mapping ANSWERS.json --mapping fast`: agreement with the official choices."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="agreement of a mapping with the official choices of an answer list")
+    p.add_argument("answers", help="JSON with items [{answer, choices, official}] (tests/eval/data/tifa_mapping)")
+    p.add_argument("--mapping", default=None, help="official or fast (default: official when installed)")
+    p.add_argument("--sbert", default=None, help="or a sentence-embedding model folder")
+    a = p.parse_args(argv)
+    items = json.loads(Path(a.answers).read_text())["items"]
+    mapper = get_mapper(a.mapping, a.sbert)
+    n, misses = agreement(mapper, items)
+    for m in misses:
+        print(f"{m['answer']!r} {m['choices']}: official {m['official']!r}, {mapper.name} {m['got']!r}")
+    print(f"{mapper.name}: {n}/{len(items)} = {n / len(items):.4f} agree with the official mapping")
+
+
+if __name__ == "__main__":
+    main()

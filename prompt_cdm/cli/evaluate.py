@@ -91,7 +91,7 @@ def _add_eval_parsers(e) -> None:
     t = e.add_parser("tifa", help="TIFA (Hu et al. 2023) of a TIFA v1.0 question file on images of its captions")
     t.add_argument("--questions", required=True, metavar="Q.json",
                    help="TIFA v1.0 question file (e.g. from `prompt-cdm world questions`, or the official one)")
-    t.add_argument("--images", default=None, metavar="DIR|JSON",
+    t.add_argument("--images", default=None, metavar="PATH",
                    help="folder of <caption id>.png images, or the official id -> image path JSON (read in chunks)")
     t.add_argument("--backend", default="judge",
                    help="VQA backend: judge (shapes world), transformers (--model) or answers (--answers)")
@@ -104,7 +104,7 @@ def _add_eval_parsers(e) -> None:
                    "as the official loop; padded batches can change BLIP's answers)")
     t.add_argument("--max-length", type=int, default=50, help="transformers backend: generate's max_length (the "
                    "official 50)")
-    t.add_argument("--mapping", default=None, metavar="official|fast",
+    t.add_argument("--mapping", default=None, metavar="NAME",
                    help="free-form answer -> choice mapping: official (all-mpnet-base-v2, the default when the "
                    "tifa-official extra is installed) or fast (all-MiniLM-L6-v2)")
     t.add_argument("--sbert", default=None, metavar="MODEL", help="map with this sentence-embedding model folder "
