@@ -22,23 +22,11 @@ from typing import Sequence
 
 from .errors import EvalError
 from .tifa_mapping import ChoiceMapper, _need  # noqa: F401  (ChoiceMapper lived here before)
+from .vqa_base import VQABackend
+from .vqa_hf import HF_VQA_MODELS, TransformersVQA  # noqa: F401
 
 
 # ---------------------------------------------------------------- backends
-
-
-class VQABackend:
-    """The interface: `answer(images, records) -> [str]`; `unanswerable(record) -> reason or None`."""
-
-    name: str = "?"
-    free_form: bool = True  # answers need mapping to a choice
-    needs_images: bool = True  # False: answers were computed elsewhere (`AnswersVQA`)
-
-    def unanswerable(self, record: dict) -> str | None:
-        return None
-
-    def answer(self, images: Sequence, records: Sequence[dict]) -> list[str]:
-        raise NotImplementedError
 
 
 class JudgeVQA(VQABackend):
@@ -146,8 +134,6 @@ class AnswersVQA(VQABackend):
     def answer(self, images: Sequence, records: Sequence[dict]) -> list[str]:
         return [self.answers[(str(r["id"]), r["question"])] for r in records]
 
-
-from .vqa_hf import HF_VQA_MODELS, TransformersVQA  # noqa: E402,F401  (it subclasses VQABackend)
 
 BACKENDS: dict[str, type[VQABackend]] = {"judge": JudgeVQA, "transformers": TransformersVQA, "answers": AnswersVQA}
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from .errors import EvalError
 from .tifa_mapping import _need, quiet_transformers
-from .vqa import VQABackend
+from .vqa_base import VQABackend
 
 
 def choice_prompt(question: str, choices: Sequence[str]) -> str:
