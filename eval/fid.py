@@ -189,17 +189,24 @@ def fid_kid_features(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 
 
 @torch.no_grad()
 def extract(net: nn.Module, images, batch: int = 128) -> torch.Tensor:
-    """[N x D] features of images (PIL list or uint8 [N x 3 x H x W]) through `net`, in batches."""
+    """[N x D] features of images (PIL list or uint8 [N x 3 x H x W]) through `net` (on its device), in
+    batches; float64 on the CPU."""
     x = to_uint8(images)
-    return torch.cat([net(x[s: s + batch]).double() for s in range(0, len(x), batch)])
+    dev = next(net.parameters(), torch.empty(0, device="cpu")).device
+    with torch.no_grad():
+        return torch.cat([net(x[s: s + batch].to(dev)).double().cpu() for s in range(0, len(x), batch)])
 
 
 def fid_kid(real, fake, features: str | nn.Module = "judge", weights: str | Path | None = None,
-            kid_subsets: int = 100, kid_subset_size: int = 1000, batch: int = 128, seed: int = 0) -> dict:
+            kid_subsets: int = 100, kid_subset_size: int = 1000, batch: int = 128, seed: int = 0,
+            device=None) -> dict:
     """FID and KID of `fake` against `real` images (PIL lists or uint8 [N x 3 x H x W]) through
-    torchmetrics with a feature extractor: a name in FEATURES or any nn.Module (uint8 -> [N x D]).
-    Features are extracted once and fed to both metrics."""
+    torchmetrics with a feature extractor: a name in FEATURES or any nn.Module (uint8 -> [N x D]) run on
+    `device` (default CPU; the statistics are float64 on the CPU either way). Features are extracted once and
+    fed to both metrics."""
     net = feature_extractor(features, weights) if isinstance(features, str) else features
+    if device is not None:
+        net = net.to(device)
     res = fid_kid_features(extract(net, real, batch), extract(net, fake, batch), kid_subsets, kid_subset_size, seed)
     res["features"] = features if isinstance(features, str) else type(features).__name__
     return res

@@ -376,9 +376,10 @@ def problems_line(result: dict, limit: int = 5) -> str | None:
 
 
 def image_generator(backbone: str = "tiny", adapters: Sequence[str] = (), steps: int = 25, guidance: float = 5.0,
-                    seed: int = 0) -> Callable[[list[str]], list]:
+                    seed: int = 0, device=None, dtype=None) -> Callable[[list[str]], list]:
     """captions -> images with a backbone alone, or composing adapter folders (uniform weights; one adapter:
-    plain diffusers semantics, per-source unconditional row) -- `prompt-cdm generate`'s defaults."""
+    plain diffusers semantics, per-source unconditional row) -- `prompt-cdm generate`'s defaults; the backbone
+    placed on `device` in `dtype` (backbone.placement)."""
     def generate(captions: list[str]) -> list:
         from prompt_cdm.backbone.loading import load_quietly
         from prompt_cdm.compose.pipeline import CDMPipeline
@@ -386,7 +387,7 @@ def image_generator(backbone: str = "tiny", adapters: Sequence[str] = (), steps:
 
         # the backbone alone draws noise per 64 prompts (text_to_image's batch), compositions per 16
         req = ComposeRequest(captions, steps=steps, guidance=guidance, seed=seed, batch_size=16 if adapters else 64)
-        return CDMPipeline(load_quietly(backbone), adapters=list(adapters))(req, progress=True).images
+        return CDMPipeline(load_quietly(backbone, dtype, device), adapters=list(adapters))(req, progress=True).images
 
     return generate
 

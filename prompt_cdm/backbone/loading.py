@@ -265,13 +265,19 @@ def load(name_or_path: str = "tiny", dtype: torch.dtype | str | None = None, dev
 def place(pipe, device: torch.device, dtype: torch.dtype):
     """Move the pipeline's models to `device` in `dtype`, with SDPA attention (diffusers' default on torch 2;
     set again so a pipeline built with other processors gets it too)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     import warnings
 
-    with warnings.catch_warnings():  # diffusers' notice about casting with to() instead of torch_dtype
-        warnings.simplefilter("ignore")
-        pipe.to(device=device, dtype=dtype)
+    import diffusers.utils.logging as dlog
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # diffusers' notices on casting with to() and on fp16 on the CPU (we checked it runs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.to(device=device, dtype=dtype)
+    finally:
+        dlog.set_verbosity(level)
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     return pipe

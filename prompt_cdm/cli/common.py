@@ -33,8 +33,8 @@ def check_placement(a) -> None:
     """Resolve a command's --device / --dtype now: a device that is not there is refused before anything runs."""
     from ..backbone.placement import Placement
 
-    if hasattr(a, "device") and hasattr(a, "dtype"):
-        Placement.of(a.device, a.dtype).resolve()
+    if hasattr(a, "device"):
+        Placement.of(a.device, getattr(a, "dtype", None)).resolve()
 
 
 def _load_backbone_quietly(name: str, a=None):

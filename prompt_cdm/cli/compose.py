@@ -40,10 +40,18 @@ def cmd_generate(a) -> None:
         raise UsageError(f"--trace {a.trace} would write its plot to {trace_png}, which is --out; give the trace "
                          "another name (e.g. trace.json)")
     reg = Registry(a.registry) if a.registry else None
-    if reg is not None:
-        reg.resolve(request.sources, request.policy)  # unknown sources and policies, before the backbone loads
+    if reg is not None:  # unknown sources and policies, before the backbone loads
+        n = len(reg.resolve(request.sources, request.policy))
     elif request.sources or request.policy:
         raise UsageError("--sources and --policy select from a registry: pass --registry DIR")
+    else:
+        n = len(a.adapter)
+    from ..compose.rows import RowBudgetError, check_max_rows
+
+    try:  # a row budget below one image's rows, before any model loads
+        check_max_rows(request.max_rows, n, request.uncond_for(n), request.guidance != 1.0)
+    except RowBudgetError as e:
+        raise UsageError(str(e)) from None
     pipe = _load_backbone_quietly(a.backbone or (reg.backbone["name"] if reg else "tiny"), a)
     res = CDMPipeline(pipe, registry=reg, adapters=a.adapter)(request)
     images = res.images

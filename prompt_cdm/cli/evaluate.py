@@ -20,13 +20,16 @@ def cmd_eval_tifa(a) -> None:
     from eval.tifa_mapping import get_mapper
     from eval.vqa import get_backend
 
+    from ..backbone.placement import resolve_device
+
+    device = str(resolve_device(a.device))  # one device for the VQA, the embedding model and the backbone
     if a.images is not None and a.backbone is not None:
         raise UsageError("give --images DIR or --backbone NAME, not both")
     if a.backend != "answers" and a.images is None and a.backbone is None:
         raise UsageError("give --images DIR (images named <caption id>.png, or an id -> path JSON) or --backbone "
                          "NAME to generate them")
     if a.backend == "transformers":
-        opts = {"model": a.model, "processor": a.processor, "device": a.device, "batch_size": a.batch_size,
+        opts = {"model": a.model, "processor": a.processor, "device": device, "batch_size": a.batch_size,
                 "max_length": a.max_length}
     elif a.model or a.processor:
         raise UsageError(f"--model/--processor configure the transformers backend, not {a.backend!r}")
@@ -37,8 +40,9 @@ def cmd_eval_tifa(a) -> None:
     elif a.answers:
         raise UsageError(f"--answers is read by --backend answers, not {a.backend!r}")
     backend = get_backend(a.backend, **opts)
-    mapper = get_mapper(a.mapping, a.sbert, device=a.device, normalise=a.normalise) if backend.free_form else None
-    generate = image_generator(a.backbone, a.adapter, a.steps, a.guidance, a.seed) if a.backbone else None
+    mapper = get_mapper(a.mapping, a.sbert, device=device, normalise=a.normalise) if backend.free_form else None
+    generate = image_generator(a.backbone, a.adapter, a.steps, a.guidance, a.seed, device, a.dtype) \
+        if a.backbone else None
     res = run_tifa(a.questions, a.out, backend, images=a.images, generate=generate, save_images=a.save_images,
                    mapper=mapper, normalise=a.normalise, official=a.format == "official")
     print(table(res), end="")
@@ -52,8 +56,10 @@ def cmd_eval_fid(a) -> None:
     from ..util.io import write_json
 
     real, fake = read_folder(a.real), read_folder(a.fake)
+    from ..backbone.placement import resolve_device
+
     res = fid_kid(real.images, fake.images, features=a.features, weights=a.weights,
-                  kid_subset_size=a.kid_subset_size, seed=a.seed)
+                  kid_subset_size=a.kid_subset_size, seed=a.seed, device=resolve_device(a.device))
     if a.clip_weights:
         if fake.captions is None:
             raise UsageError(f"CLIPScore needs captions: {a.fake}/metadata.jsonl with file_name and text for every "
@@ -113,7 +119,10 @@ def _add_eval_parsers(e) -> None:
                    "(default: exact string equality, as the official code)")
     t.add_argument("--format", default="ours", choices=["ours", "official"], help="official: also write "
                    "RESULT.official.json in the official shape (tifa_average, tifa_stdev, question_details)")
-    t.add_argument("--device", default="cpu", help="torch device of the VQA and embedding models")
+    t.add_argument("--device", default="auto", help="the VQA and embedding models and, with --backbone, the backbone: "
+                   "auto (the first CUDA device if visible, else cpu), cpu, cuda, cuda:N, mps")
+    t.add_argument("--dtype", default="auto", help="with --backbone: the backbone's precision: auto (fp16 on CUDA, "
+                   "else fp32), fp32, fp16, bf16")
     t.add_argument("--backbone", default=None, help="generate the images instead: 'tiny', an SD folder or hub id")
     t.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="with --backbone: an adapter folder to compose (repeatable; uniform weights)")
@@ -137,6 +146,8 @@ def _add_eval_parsers(e) -> None:
                    help="also CLIPScore with this open_clip weights file (captions from --fake's metadata.jsonl)")
     f.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-weights")
     f.add_argument("--out", default=None, metavar="RESULT.json", help="write the numbers here too")
+    f.add_argument("--device", default="auto", help="the feature extractor: auto (the first CUDA device if visible, "
+                   "else cpu), cpu, cuda, cuda:N, mps")
     f.set_defaults(func=cmd_eval_fid)
 
     m = e.add_parser("memorization", help="copies among generated images: tiled l2 to the nearest training image "
