@@ -147,9 +147,9 @@ class ComposeResult:
 def initial_noise(shape: Sequence[int], generator: torch.Generator, device=None, dtype=None) -> torch.Tensor:
     """Unit Gaussian latents drawn from a CPU `generator` and then moved to the model's device and dtype
     (diffusers' `randn_tensor` with a CPU generator): the same seed gives the same image on any device."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    return randn_tensor(tuple(shape), generator=generator, device=torch.device(device or "cpu"), dtype=dtype)
+    # diffusers' randn_tensor: drawn on the generator's device in the model's dtype, then moved
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device or gen_device)
 
 
 @torch.no_grad()
