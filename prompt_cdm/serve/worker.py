@@ -159,7 +159,7 @@ class Engine:
                                 f"({self._reg.backbone['name']}); the pipeline given is {fp}")
         self.pipe = pipe
         self.keys = KeyStore(self.folder)
-        self.audit = AuditLog(self.folder / SERVE_DIR / AUDIT_FILE)
+        self.audit = AuditLog(self.folder / SERVE_DIR / AUDIT_FILE, lock_folder=self.folder)
         self.image_size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
         self.queue_size = queue_size
         self._threads = threads or torch.get_num_threads()
@@ -231,6 +231,8 @@ class Engine:
         """(under _state) The registered sources key's policy allows; none for admin keys or a missing
         policy (default deny)."""
         if key.admin or key.policy is None or key.policy not in self._reg.policies:
+            return []
+        if key.policy_id != self._reg.policy_id(key.policy):  # the policy was removed and made again
             return []
         have = self._reg.data["sources"]
         return [s for s in self._reg.policy(key.policy) if s in have]

@@ -88,9 +88,76 @@ def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return dest
 
 
+def loads_json(text: str | bytes, error: type[Exception], label: str, fix: str = ""):
+    """Parsed JSON `text`; text that is not UTF-8 JSON, or nested too deeply for the parser (a planted
+    file of 100k brackets), raises `error` naming `label` (and `fix`)."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{label} is not valid JSON ({e})" + (f"; {fix}" if fix else "")) from None
+    except RecursionError:
+        raise error(f"{label} is nested too deeply to be a prompt_cdm file" + (f"; {fix}" if fix else "")) from None
+
+
 def read_json(path: str | os.PathLike, error: type[Exception], fix: str = ""):
     """The parsed JSON file at `path`; text that is not UTF-8 JSON raises `error` naming the file (and `fix`)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path} is not valid JSON ({e})" + (f"; {fix}" if fix else "")) from None
+        data = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise error(f"{path} is a folder, not a JSON file" + (f"; {fix}" if fix else "")) from None
+    return loads_json(data, error, str(path), fix)
+
+
+# ---------------------------------------------------------------- folders copied in whole
+
+
+def tree_files(folder: str | os.PathLike, error: type[Exception], label: str | None = None) -> list[str]:
+    """Relative POSIX paths of the regular files under `folder`; `error` on a symlink or a special file
+    anywhere inside (a link could smuggle /etc/passwd, or another source's weights, into a copy)."""
+    folder = Path(folder)
+    label = label or str(folder)
+    out = []
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs) + sorted(files):
+            p = Path(root) / name
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                raise error(f"{label}/{rel} is a symbolic link; prompt_cdm copies regular files only -- replace "
+                            "it with the file itself")
+            if name in files:
+                if not p.is_file():
+                    raise error(f"{label}/{rel} is not a regular file; remove it")
+                out.append(rel)
+        dirs.sort()
+    return sorted(out)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's entry to disk (a rename is durable only once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, error: type[Exception]) -> dict[str, str]:
+    """Copy the regular files of `src` into the (new or empty) folder `dst`, refusing links (`tree_files`);
+    every file and folder is fsynced. Returns {relative path: sha256} of what was copied."""
+    src, dst = Path(src), Path(dst)
+    hashes = {}
+    for rel in tree_files(src, error):
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, target, follow_symlinks=False)
+        fsync_path(target)
+        hashes[rel] = sha256_file(target)
+    for d in sorted({(dst / rel).parent for rel in hashes} | {dst}, key=lambda p: -len(p.parts)):
+        fsync_path(d)
+    return hashes
+
+
+def tree_hashes(folder: str | os.PathLike, error: type[Exception]) -> dict[str, str]:
+    """{relative path: sha256} of every regular file under `folder` (links refused)."""
+    folder = Path(folder)
+    return {rel: sha256_file(folder / rel) for rel in tree_files(folder, error)}
