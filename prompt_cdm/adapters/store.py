@@ -45,6 +45,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
 PARAMS = {name: k.params for name, k in KINDS.items()}  # kind -> hyper-parameter dataclass
+# trained LoRA factors and soft-prompt rows stay within a few units (CLIP's token rows within ~0.1); a value
+# past this bound is corruption or an attack, and would overflow the UNet's activations (a black image)
+MAX_ABS_WEIGHT = 100.0
 _SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
@@ -248,6 +251,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in tensors.items() if not v.is_floating_point() or not torch.isfinite(v).all()]
     if bad:
         raise AdapterError(f"{path}: tensor {bad[0]} is not finite floating point (corrupt?); re-save the adapter")
+    big = [k for k, v in tensors.items() if v.numel() and float(v.abs().max()) > MAX_ABS_WEIGHT]
+    if big:
+        raise AdapterError(f"{path}: tensor {big[0]} holds values of magnitude {float(tensors[big[0]].abs().max()):.3g}, "
+                           f"over the bound {MAX_ABS_WEIGHT:g} of a trained adapter (corrupt, or made to break the "
+                           "backbone); retrain or re-save the adapter")
     return tensors
 
 

@@ -62,8 +62,10 @@ def cmd_generate(a) -> None:
 def cmd_registry_init(a) -> None:
     from ..registry.registry import Registry
 
+    from ..adapters.kinds import backbone_table
+
     pipe = _load_backbone_quietly(a.backbone)
-    reg = Registry.create(a.registry, a.backbone, pipe.backbone_fingerprint)
+    reg = Registry.create(a.registry, a.backbone, pipe.backbone_fingerprint, modules=backbone_table(pipe))
     print(f"registry {reg.folder} for backbone {a.backbone} ({pipe.backbone_fingerprint})")
 
 
@@ -78,7 +80,8 @@ def cmd_registry_list(a) -> None:
     from ..registry.registry import Registry
 
     reg = Registry(a.registry)
-    print(json.dumps({"backbone": reg.backbone, "sources": reg.summary(), "policies": reg.policies,
+    backbone = {k: v for k, v in reg.backbone.items() if k != "modules"}
+    print(json.dumps({"backbone": backbone, "sources": reg.summary(), "policies": reg.policies,
                       "routers": reg.routers}, indent=1))
 
 

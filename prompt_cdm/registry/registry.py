@@ -142,8 +142,11 @@ class Registry:
         return data
 
     @classmethod
-    def create(cls, folder: str | os.PathLike, backbone_name: str, fingerprint: str) -> "Registry":
-        """A new, empty registry for the backbone with `fingerprint` (backbone.fingerprint)."""
+    def create(cls, folder: str | os.PathLike, backbone_name: str, fingerprint: str,
+               modules: dict | None = None) -> "Registry":
+        """A new, empty registry for the backbone with `fingerprint` (backbone.fingerprint). `modules`: the
+        backbone's `adapters.kinds.backbone_table`, kept so that `add` checks every adapter's keys and shapes
+        against the backbone without loading it (`registry init` records it)."""
         folder = Path(folder)
         if (folder / REGISTRY_FILE).exists():
             raise RegistryError(f"{folder} is already a registry")
@@ -153,7 +156,8 @@ class Registry:
             raise RegistryError("a registry needs the backbone's fingerprint")
         write_json(folder / REGISTRY_FILE, {
             "format": FORMAT, "version": VERSION,
-            "backbone": {"name": str(backbone_name), "fingerprint": str(fingerprint)},
+            "backbone": {"name": str(backbone_name), "fingerprint": str(fingerprint),
+                         **({"modules": modules} if modules else {})},
             "sources": {}, "policies": {}, "routers": {}, "forgotten": [], "policy_ids": {}, "files": {},
         })
         return cls(folder)
@@ -198,7 +202,7 @@ class Registry:
 
     @property
     def backbone(self) -> dict:
-        """{"name": ..., "fingerprint": ...}"""
+        """{"name": ..., "fingerprint": ...} (and "modules": the backbone's shapes, when recorded)"""
         return dict(self.data["backbone"])
 
     @property
@@ -262,7 +266,9 @@ class Registry:
         try:
             try:
                 hashes = copy_tree(src, tmp, AdapterError)
-                cfg = check_adapter_folder(tmp, label=str(src))
+                bb = self.data["backbone"]
+                cfg = check_adapter_folder(tmp, label=str(src),
+                                           backbone=dict(bb["modules"], name=bb["name"]) if bb.get("modules") else None)
             except AdapterError as e:
                 raise RegistryError(f"cannot add {name!r}: {e}") from None
             fp = self.data["backbone"]["fingerprint"]
