@@ -387,7 +387,10 @@ def test_admin_adds_a_source_and_changes_policies(served, pipe, tmp_path):
 # ---------------------------------------------------------------- schema-driven fuzzing
 
 
-def test_schemathesis_fuzz_of_the_served_openapi_finds_no_5xx(pipe, adapters, tmp_path):
+def test_schemathesis_fuzz_of_the_served_openapi_finds_no_5xx(pipe, adapters, tmp_path, monkeypatch):
+    """Every operation, admin ones included, on a registry holding a source ('c') that cannot be forgotten
+    (its adapter folder cannot be deleted)."""
+    import prompt_cdm.registry.registry as registry
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
@@ -397,7 +400,17 @@ def test_schemathesis_fuzz_of_the_served_openapi_finds_no_5xx(pipe, adapters, tm
     reg = _registry(pipe, adapters, tmp_path / "reg")
     store = KeyStore(reg.folder)
     user, admin = store.create(policy="ab")[1], store.create(admin=True)[1]
+    real = registry._rmtree
+
+    def stuck(path):
+        if path == reg.folder / "adapters" / "c":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(registry, "_rmtree", stuck)
     with serving(reg.folder, pipe, max_steps=2, queue_size=4) as (app, url):
+        r = httpx.delete(f"{url}/v1/admin/sources/c", headers={"Authorization": f"Bearer {admin}"}, timeout=60)
+        assert r.status_code == 409, r.text
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
         ran = {}
         for result in schema.get_all_operations():
@@ -422,6 +435,8 @@ def test_schemathesis_fuzz_of_the_served_openapi_finds_no_5xx(pipe, adapters, tm
         print("fuzz status counts:", dict(sorted(ran.items())))
         assert not any(status >= 500 for _, status in ran), ran
         assert ran.get(("POST /v1/generate", 200)) and ran.get(("POST /v1/generate", 422)), ran
+        assert {"POST /v1/admin/sources", "DELETE /v1/admin/sources/{name}", "PUT /v1/admin/policies/{name}"} <= \
+            {tag for tag, _ in ran}, ran
 
 
 # ---------------------------------------------------------------- issue 16: refusals, never a 500
