@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UsageError, _load_backbone_quietly, _read_prompts
+from .common import UsageError, _load_backbone_quietly, _read_prompts, check_image_out, check_writable_file
 
 
 # ComposeRequest fields spelled by hand on the command line (old spellings kept); every other field is a
@@ -29,6 +29,9 @@ def cmd_generate(a) -> None:
     from ..util.plots import grid
 
     request = generate_request(a)
+    check_image_out(a.out)
+    if a.trace:
+        check_writable_file(a.trace, "--trace", UsageError)
     if bool(a.adapter) == bool(a.registry):
         raise UsageError("give --adapter DIR (repeatable) or --registry DIR, not both")
     if request.caption_prior is not None and not a.registry:

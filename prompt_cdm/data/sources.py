@@ -59,9 +59,9 @@ def sanitize_id(name: str) -> str:
 
 
 def check_id(source_id: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", source_id or ""):
-        raise SourceError(f"source id {source_id!r} must be letters, digits, '_' or '-' and start with a letter "
-                          "or digit (it names the adapter); pass another id")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,99}", source_id or ""):
+        raise SourceError(f"source id {source_id[:40]!r} must be 1-100 letters, digits, '_' or '-' and start with a "
+                          "letter or digit (it names the adapter); pass another id")
     return source_id
 
 

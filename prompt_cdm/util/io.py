@@ -52,11 +52,39 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def save_image(path: str | os.PathLike, image) -> None:
-    """Save a PIL image atomically (format from the final suffix)."""
+def image_format(path: str | os.PathLike) -> str | None:
+    """The PIL format that saves `path` (by its suffix, e.g. .png -> PNG, .jpg -> JPEG); None if none does."""
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    return fmt if fmt in Image.SAVE else None
+
+
+def check_writable_file(path: str | os.PathLike, what: str, error: type[Exception]) -> Path:
+    """`error` unless a file can be written at `path`: not a folder, its parent a folder (made if missing)
+    that accepts a new file. Run before the work whose result goes there."""
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise error(f"{what} {path} cannot be written ({e.strerror or e}); pick a path in a folder you can "
+                    "write") from None
+    return path
+
+
+def save_image(path: str | os.PathLike, image) -> None:
+    """Save a PIL image atomically (format from the final suffix; PNG when it has none)."""
+    path = Path(path)
+    fmt = image_format(path) if path.suffix else "PNG"
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png, .jpg or .webp")
     with atomic_path(path) as tmp:
-        image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+        image.save(tmp, format=fmt)
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
@@ -81,8 +109,18 @@ def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
     old = None
     if dest.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-        os.replace(dest, old)  # onto an empty folder: allowed
-    os.replace(tmp, dest)
+        try:
+            os.replace(dest, old)  # onto an empty folder: allowed
+        except BaseException:
+            os.rmdir(old)
+            raise
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)  # put the previous folder back: no stray .old, dest as it was
+        raise
+    fsync_path(dest.parent)
     if old is not None:
         shutil.rmtree(old)
     return dest
