@@ -151,10 +151,21 @@ def expected_shapes(pipe, config: LoraAdapterConfig) -> dict[str, tuple[int, ...
 
 
 def linear_table(model) -> dict[str, list[int]]:
-    """{module name: [in, out]} of every Linear module of a bare (adapter-free) model: what a registry keeps
-    of its backbone so that `registry add` checks a LoRA's keys and shapes without loading it."""
-    return {n: [m.in_features, m.out_features] for n, m in model.named_modules()
-            if n and isinstance(m, torch.nn.Linear)}
+    """{module name: [in, out]} of every Linear module of the model as the bare backbone has it (a module
+    wrapped by an applied LoRA counts as its base layer): what a registry keeps of its backbone so that
+    `registry add` checks a LoRA's keys and shapes without loading it."""
+    from peft.tuners.lora import LoraLayer
+
+    modules = dict(model.named_modules())
+    wrapped = {n for n, m in modules.items() if isinstance(m, LoraLayer)}
+    out = {}
+    for n, m in modules.items():
+        parts = n.split(".")
+        if not n or any(".".join(parts[:i]) in wrapped for i in range(1, len(parts))):
+            continue  # a LoRA wrapper's own base_layer / lora_A / lora_B
+        if isinstance(m, (torch.nn.Linear, LoraLayer)):
+            out[n] = [m.in_features, m.out_features]
+    return out
 
 
 def shapes_from_table(table: dict[str, dict[str, list[int]]], config: LoraAdapterConfig) -> dict[str, tuple[int, ...]]:

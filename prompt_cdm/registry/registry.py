@@ -282,6 +282,11 @@ class Registry:
             if cfg.source_id in {f.get("source_id") for f in gone.values()}:
                 raise RegistryError(f"{src}: it was trained on source {cfg.source_id!r}, which this registry "
                                     "forgot; forgotten data cannot come back")
+            for f in gone.values():
+                copies = sorted(rel for rel, h in hashes.items() if h in set(f.get("weights_sha256", [])))
+                if copies:
+                    raise RegistryError(f"{src}/{copies[0]} is a copy of forgotten source {f['name']!r}'s weights; "
+                                        "forgotten data cannot come back")
             ph = get_kind(cfg.kind).trigger(cfg.params)  # a trigger word must be unique among composable sources
             if ph is not None:
                 for other, e in self.data["sources"].items():
