@@ -35,6 +35,13 @@ while not os.path.exists(go):
     time.sleep(0.0005)
 if op == "add":
     Registry(reg).add(args[0], args[1])
+elif op == "adds":  # one add per round, each released by go.ROUND, reported by go.ROUND.done.PID
+    for r, name in enumerate(args[1:]):
+        if r:
+            while not os.path.exists(f"{go}.{r}"):
+                time.sleep(0.0005)
+        Registry(reg).add(name, args[0])
+        pathlib.Path(f"{go}.{r}.done.{os.getpid()}").touch()
 elif op == "forget":
     Registry(reg).forget(args[0], cache_dir=args[1])
 elif op == "create":
@@ -100,19 +107,27 @@ def test_parallel_key_creates_and_revokes_lose_nothing(pipe, adapters, tmp_path)
 def test_parallel_adds_lose_no_source(pipe, adapters, tmp_path):
     """Finding 2: two parallel `registry add`s both exited 0 and registry.json listed one (3 of 5 trials)."""
     reg = Registry.create(tmp_path / "reg", "tiny-random", pipe.backbone_fingerprint)
+    rounds = 2 * STRESS
+    go = tmp_path / "go"
+    # 8 processes, each adding one source per round (the processes live through the rounds: imports once)
+    procs = _start([("adds", reg.folder, adapters["a" if i % 2 else "b"], *[f"s{r}x{i}" for r in range(rounds)])
+                    for i in range(8)], go)
     names = []
-    for rnd in range(2 * STRESS):
-        batch = [f"s{rnd}x{i}" for i in range(8)]
-        go = tmp_path / f"go{rnd}"
-        procs = _start([("add", reg.folder, n, adapters["a" if i % 2 else "b"]) for i, n in enumerate(batch)], go)
-        go.touch()
-        _finish(procs)
-        names += batch
+    for r in range(rounds):
+        (go if r == 0 else Path(f"{go}.{r}")).touch()
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob(f"go.{r}.done.*"))) < len(procs):
+            dead = [p for p in procs if p.poll() not in (None, 0)]
+            assert not dead, dead[0].communicate()
+            assert time.monotonic() < deadline, "the adds did not finish"
+            time.sleep(0.01)
+        names += [f"s{r}x{i}" for i in range(8)]
         assert sorted(Registry(reg.folder).sources) == sorted(names)
+    _finish(procs)
     assert Registry(reg.folder).verify() == []
 
 
-KILL_AFTER_MS = (0, 2, 5, 10, 20, 40)  # from release to SIGKILL: before, during and after the copy / deletion
+KILL_AFTER_MS = (0, 3, 10, 30)  # from release to SIGKILL: before, during and after the copy / deletion
 
 
 def _kill_at(jobs, delays, go: Path):
