@@ -101,6 +101,10 @@ class AdapterKind:
         safetensors files' headers by name."""
         raise NotImplementedError
 
+    def check_backbone(self, params, weights: dict, backbone: dict, label: str) -> None:
+        """`weights` ({key: (dtype, shape)}) against the backbone's `backbone_table` (no pipeline needed)."""
+        raise NotImplementedError
+
     def row_prompt(self, handle: str, caption: str) -> str:
         return caption
 
@@ -216,6 +220,14 @@ class LoraKind(AdapterKind):
                 raise AdapterError(f"{label}: no {component} LoRA tensors, but the config adapts the {component}; "
                                    "re-save it")
 
+    def check_backbone(self, params, weights, backbone, label):
+        try:
+            lora.compare_shapes(lora.shapes_from_table(backbone, params), {k: v[1] for k, v in weights.items()},
+                                params.rank)
+        except AdapterError as e:
+            raise AdapterError(f"{label}: {e} (on backbone {backbone.get('name', 'of this registry')}); retrain "
+                               "the adapter on this backbone") from None
+
     def unet_adapter(self, handle):
         return handle
 
@@ -304,11 +316,24 @@ class SoftPromptKind(AdapterKind):
                                f"{params.placeholder!r} of shape {shape} (the soft prompt's rows), found {found}; "
                                "re-save the adapter with save_adapter")
 
+    def check_backbone(self, params, weights, backbone, label):
+        width = weights[SOFT_PROMPT_KEY][1][1]
+        if width != backbone.get("text_dim", width):
+            raise AdapterError(f"{label}: soft prompt rows are {width} wide, this backbone's text embeddings are "
+                               f"{backbone['text_dim']}; retrain the adapter on this backbone")
+
     def row_prompt(self, handle, caption):
         return f"{handle} {caption}"  # the placeholder prefixes the caption
 
 
 KINDS: dict[str, AdapterKind] = {k.name: k for k in (LoraKind(), SoftPromptKind())}
+
+
+def backbone_table(pipe) -> dict:
+    """What the kinds' `check_backbone` reads of a bare backbone: every Linear module's [in, out] of the UNet
+    and the text encoder, and the text embedding width (kept in a registry's index at `registry init`)."""
+    return {"unet": lora.linear_table(pipe.unet), "text_encoder": lora.linear_table(pipe.text_encoder),
+            "text_dim": int(pipe.text_encoder.get_input_embeddings().embedding_dim)}
 
 
 def get_kind(name: str) -> AdapterKind:

@@ -30,6 +30,9 @@ from .errors import AdapterError
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 COMPONENTS = ("unet", "text_encoder")
+# the update scale alpha/rank: recipes use 1-2; past 64 the update swamps the frozen weights (and a huge
+# alpha overflows to inf inside the UNet: a black image)
+MAX_SCALING = 64.0
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # peft adapter names are ModuleDict keys: no dots
 
 
@@ -54,8 +57,9 @@ class LoraAdapterConfig:
         self.text_targets = tuple(self.text_targets)
         if not 1 <= self.rank <= 1024:
             raise ValueError(f"lora rank must be in 1..1024, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"lora alpha must be > 0, got {self.alpha}")
+        if not 0 < self.alpha <= MAX_SCALING * self.rank:
+            raise ValueError(f"lora alpha must be in (0, {MAX_SCALING:g} x rank = {MAX_SCALING * self.rank:g}] (the "
+                             f"update's scale alpha/rank), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
         if not self.unet_targets:
@@ -146,6 +150,57 @@ def expected_shapes(pipe, config: LoraAdapterConfig) -> dict[str, tuple[int, ...
     return shapes
 
 
+def linear_table(model) -> dict[str, list[int]]:
+    """{module name: [in, out]} of every Linear module of the model as the bare backbone has it (a module
+    wrapped by an applied LoRA counts as its base layer): what a registry keeps of its backbone so that
+    `registry add` checks a LoRA's keys and shapes without loading it."""
+    from peft.tuners.lora import LoraLayer
+
+    modules = dict(model.named_modules())
+    wrapped = {n for n, m in modules.items() if isinstance(m, LoraLayer)}
+    out = {}
+    for n, m in modules.items():
+        parts = n.split(".")
+        if not n or any(".".join(parts[:i]) in wrapped for i in range(1, len(parts))):
+            continue  # a LoRA wrapper's own base_layer / lora_A / lora_B
+        if isinstance(m, (torch.nn.Linear, LoraLayer)):
+            out[n] = [m.in_features, m.out_features]
+    return out
+
+
+def shapes_from_table(table: dict[str, dict[str, list[int]]], config: LoraAdapterConfig) -> dict[str, tuple[int, ...]]:
+    """`expected_shapes` from a `linear_table` per component (peft's list-target rule: the name or a
+    dotted suffix of it)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for c in config.components():
+        targets = config.unet_targets if c == "unet" else config.text_targets
+        found = {n: v for n, v in table.get(c, {}).items() if any(n == t or n.endswith("." + t) for t in targets)}
+        if not found:
+            raise LoraError(f"no {c} module matches the LoRA targets {list(targets)}")
+        for name, (fan_in, fan_out) in found.items():
+            shapes[f"{c}.{name}.lora_A.weight"] = (config.rank, fan_in)
+            shapes[f"{c}.{name}.lora_B.weight"] = (fan_out, config.rank)
+    return shapes
+
+
+def compare_shapes(want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]], rank: int) -> None:
+    """LoraError naming the first missing, unknown or misshapen tensor of `have` against `want`."""
+    missing = sorted(set(want) - set(have))
+    unknown = sorted(set(have) - set(want))
+    if missing:
+        raise LoraError(f"LoRA weights lack {len(missing)} tensors the config implies, e.g. {missing[0]}")
+    if unknown:
+        raise LoraError(f"LoRA weights hold {len(unknown)} tensors this pipeline has no place for, e.g. {unknown[0]}")
+    for k, shape in want.items():
+        if tuple(have[k]) != tuple(shape):
+            rank_note = ""
+            if k.endswith("lora_A.weight") and tuple(have[k][1:]) == tuple(shape[1:]):
+                rank_note = f" (rank {have[k][0]} in the file, rank {rank} in the config)"
+            elif k.endswith("lora_B.weight") and tuple(have[k][:1]) == tuple(shape[:1]):
+                rank_note = f" (rank {have[k][1]} in the file, rank {rank} in the config)"
+            raise LoraError(f"LoRA tensor {k} has shape {list(have[k])}, expected {list(shape)}{rank_note}")
+
+
 def check_name(name: str) -> None:
     if not _NAME.match(name or ""):
         raise LoraError(f"LoRA adapter name {name!r} must be letters, digits, '_' or '-' (peft names cannot hold dots)")
@@ -163,22 +218,8 @@ def check_fits(pipe, adapter: LoraAdapter, name: str) -> None:
         if name in (getattr(getattr(pipe, c), "peft_config", {}) or {}):
             raise LoraError(f"a LoRA adapter named {name!r} is already on the {c}; "
                             "remove it first or pick another name")
-    want = expected_shapes(pipe, adapter.config)
-    have = {k: tuple(v.shape) for k, v in adapter.tensors.items()}
-    missing = sorted(set(want) - set(have))
-    unknown = sorted(set(have) - set(want))
-    if missing:
-        raise LoraError(f"LoRA weights lack {len(missing)} tensors the config implies, e.g. {missing[0]}")
-    if unknown:
-        raise LoraError(f"LoRA weights hold {len(unknown)} tensors this pipeline has no place for, e.g. {unknown[0]}")
-    for k, shape in want.items():
-        if have[k] != shape:
-            rank_note = ""
-            if k.endswith("lora_A.weight") and have[k][1:] == shape[1:]:
-                rank_note = f" (rank {have[k][0]} in the file, rank {adapter.config.rank} in the config)"
-            elif k.endswith("lora_B.weight") and have[k][:1] == shape[:1]:
-                rank_note = f" (rank {have[k][1]} in the file, rank {adapter.config.rank} in the config)"
-            raise LoraError(f"LoRA tensor {k} has shape {list(have[k])}, expected {list(shape)}{rank_note}")
+    compare_shapes(expected_shapes(pipe, adapter.config), {k: tuple(v.shape) for k, v in adapter.tensors.items()},
+                   adapter.config.rank)
     for k, v in adapter.tensors.items():
         if not v.is_floating_point() or not torch.isfinite(v).all():
             raise LoraError(f"LoRA tensor {k} is not a finite floating-point tensor")

@@ -14,6 +14,7 @@ tensor keys and shapes) and validates everything before it touches the pipeline.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,7 +33,7 @@ except ImportError:  # an editable install made before prompt_cdm/__init__.py ex
 
     __version__ = _version("prompt-cdm")
 from ..util.config import ConfigError, from_dict, to_dict
-from ..util.io import read_json, replace_dir, save_image, save_safetensors, write_json, write_text
+from ..util.io import fsync_path, read_json, replace_dir, save_image, save_safetensors, write_json, write_text
 from . import card
 from .errors import AdapterError
 from .kinds import KINDS, get_kind, kind_of
@@ -45,6 +46,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
 PARAMS = {name: k.params for name, k in KINDS.items()}  # kind -> hyper-parameter dataclass
+# trained LoRA factors and soft-prompt rows stay within a few units (CLIP's token rows within ~0.1); a value
+# past this bound is corruption or an attack, and would overflow the UNet's activations (a black image)
+MAX_ABS_WEIGHT = 100.0
 _SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
@@ -152,13 +156,16 @@ def save_adapter(
     sample_grid=None,
     license: str = "apache-2.0",
     overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write an adapter folder (all files, then one rename: readers never see half a folder).
 
     `adapter` is the data (soft_prompt.read_back / lora.read_back after training); `pipe` gives the
     backbone fingerprint and name unless `fingerprint` / `base_model` are passed.
     `figures` (e.g. {"steps": 500, "final loss": 0.08}) become a table in README.md;
-    `sample_grid` (a PIL image) is saved as samples.png."""
+    `sample_grid` (a PIL image) is saved as samples.png; `extra(folder)` writes more files (a training log)
+    into the folder before it is renamed into place, so that a folder in place is always whole. Temp
+    folders that an earlier, killed save to `folder` left beside it are deleted first."""
     folder = Path(folder)
     kind_impl = kind_of(adapter)
     kind, tensors, params = kind_impl.name, kind_impl.state(adapter), to_dict(adapter.config)
@@ -182,6 +189,9 @@ def save_adapter(
         raise AdapterError(f"{folder} exists and is not an empty folder; pass overwrite=True to replace it")
 
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{glob.escape(folder.name)}.*"):  # a killed save's (or replace_dir's) leftovers
+        if stale.name.endswith((".tmp", ".old")) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         umask = os.umask(0)
@@ -194,6 +204,11 @@ def save_adapter(
             save_image(tmp / SAMPLES_NAME, sample_grid)
         write_text(tmp / CARD_NAME, card.render(config, figures, license, SAMPLES_NAME if sample_grid is not None
                                                  else None, folder.name))
+        if extra is not None:
+            extra(tmp)
+        for p in tmp.iterdir():
+            fsync_path(p)
+        fsync_path(tmp)
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -248,6 +263,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in tensors.items() if not v.is_floating_point() or not torch.isfinite(v).all()]
     if bad:
         raise AdapterError(f"{path}: tensor {bad[0]} is not finite floating point (corrupt?); re-save the adapter")
+    big = [k for k, v in tensors.items() if v.numel() and float(v.abs().max()) > MAX_ABS_WEIGHT]
+    if big:
+        raise AdapterError(f"{path}: tensor {big[0]} holds values of magnitude {float(tensors[big[0]].abs().max()):.3g}, "
+                           f"over the bound {MAX_ABS_WEIGHT:g} of a trained adapter (corrupt, or made to break the "
+                           "backbone); retrain or re-save the adapter")
     return tensors
 
 

@@ -22,6 +22,9 @@ def _files(folder: Path, skip: tuple[str, ...]) -> list[str]:
         rel = p.relative_to(folder).as_posix()
         if any(rel == n or rel.startswith(n + "/") for n in skip):
             continue
+        if p.is_symlink():
+            raise AdapterError(f"{folder}/{rel} is a symbolic link; an adapter folder holds regular files only -- "
+                               "replace it with the file itself")
         if p.is_file():
             out.append(rel)
     return out
@@ -38,9 +41,12 @@ def check_pickles(folder: Path, label: str, skip: tuple[str, ...] = ()) -> list[
     return files
 
 
-def check_adapter_folder(folder: str | os.PathLike, label: str | None = None, skip: tuple[str, ...] = ()):
+def check_adapter_folder(folder: str | os.PathLike, label: str | None = None, skip: tuple[str, ...] = (),
+                         backbone: dict | None = None):
     """Validate an adapter folder without a pipeline; return its AdapterConfig. `label` names the folder in
-    messages (default: its path); files under the `skip` paths are not the adapter's (e.g. a hub's .git)."""
+    messages (default: its path); files under the `skip` paths are not the adapter's (e.g. a hub's .git).
+    `backbone`: a `kinds.backbone_table` (a registry keeps its backbone's): the weights' keys and shapes are
+    checked against it exactly as `load_adapter` checks them against a pipeline."""
     from .store import WEIGHTS_NAME, read_adapter_config, read_weights
 
     folder = Path(folder)
@@ -59,9 +65,12 @@ def check_adapter_folder(folder: str | os.PathLike, label: str | None = None, sk
     weights = headers.pop(WEIGHTS_NAME)
     get_kind(config.kind).check_weights(config.params_config(), weights, headers, f"{label}/{WEIGHTS_NAME}")
     try:
-        read_weights(folder / WEIGHTS_NAME)  # every value finite
+        for rel in sorted([WEIGHTS_NAME, *headers]):
+            read_weights(folder / rel)  # every value finite floating point, within MAX_ABS_WEIGHT
     except AdapterError as e:
         raise AdapterError(str(e).replace(str(folder), label)) from None
+    if backbone is not None:
+        get_kind(config.kind).check_backbone(config.params_config(), weights, backbone, f"{label}/{WEIGHTS_NAME}")
     return config
 
 

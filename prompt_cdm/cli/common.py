@@ -9,6 +9,25 @@ class UsageError(ValueError):
     """Bad input from the command line; printed as one line, exit status 2."""
 
 
+def check_writable_file(path, what: str, error=UsageError):
+    from ..util.io import check_writable_file as check
+
+    return check(path, what, error)
+
+
+def check_image_out(path) -> None:
+    """UsageError unless `path` is a writable file path with an image extension PIL saves (before any model
+    runs: a bad --out must not cost the generation)."""
+    from ..util.io import image_format
+
+    if Path(path).is_dir():
+        raise UsageError(f"--out {path} is a folder; give an image file path (e.g. out.png)")
+    if image_format(path) is None:
+        raise UsageError(f"--out {path}: unknown image extension {Path(path).suffix or '(none)'!r}; use .png, "
+                         ".jpg or .webp")
+    check_writable_file(path, "--out")
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="TOML recipe (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UsageError, _load_backbone_quietly, _read_prompts, add_compile, add_placement
+from .common import (UsageError, _load_backbone_quietly, _read_prompts, add_compile, add_placement, check_image_out,
+                     check_writable_file)
 
 
 # ComposeRequest fields spelled by hand on the command line (old spellings kept); every other field is a
@@ -29,6 +30,9 @@ def cmd_generate(a) -> None:
     from ..util.plots import grid
 
     request = generate_request(a)
+    check_image_out(a.out)
+    if a.trace:
+        check_writable_file(a.trace, "--trace", UsageError)
     if bool(a.adapter) == bool(a.registry):
         raise UsageError("give --adapter DIR (repeatable) or --registry DIR, not both")
     if request.caption_prior is not None and not a.registry:
@@ -70,8 +74,10 @@ def cmd_generate(a) -> None:
 def cmd_registry_init(a) -> None:
     from ..registry.registry import Registry
 
+    from ..adapters.kinds import backbone_table
+
     pipe = _load_backbone_quietly(a.backbone)  # the fingerprint does not depend on the placement
-    reg = Registry.create(a.registry, a.backbone, pipe.backbone_fingerprint)
+    reg = Registry.create(a.registry, a.backbone, pipe.backbone_fingerprint, modules=backbone_table(pipe))
     print(f"registry {reg.folder} for backbone {a.backbone} ({pipe.backbone_fingerprint})")
 
 
@@ -86,7 +92,8 @@ def cmd_registry_list(a) -> None:
     from ..registry.registry import Registry
 
     reg = Registry(a.registry)
-    print(json.dumps({"backbone": reg.backbone, "sources": reg.summary(), "policies": reg.policies,
+    backbone = {k: v for k, v in reg.backbone.items() if k != "modules"}
+    print(json.dumps({"backbone": backbone, "sources": reg.summary(), "policies": reg.policies,
                       "routers": reg.routers}, indent=1))
 
 

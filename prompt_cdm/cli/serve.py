@@ -22,6 +22,8 @@ def cmd_serve(a) -> None:
     from ..serve.app import create_app, run
 
     reg = Registry(a.registry)
+    if not 0 <= a.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535 (0: a free one), got {a.port}")
     try:
         cfg = serve_config(a)
     except ValueError as e:

@@ -24,8 +24,15 @@ def _train_config(a):
 
 
 def cmd_train(a) -> None:
-    from ..training.train import train
+    from ..training.train import clean_run, train
 
+    if a.clean_cache:
+        gone = clean_run(a.out)
+        print(f"removed {gone[0]} (the run's latent cache, checkpoint and log)" if gone else
+              f"nothing to remove: {a.out}.train does not exist")
+        return
+    if not a.source:
+        raise UsageError("give --source DIR (the data to train on)")
     cfg = _train_config(a)
     try:
         r = train(a.backbone, a.source, cfg, a.out, source_id=a.source_id, overwrite=a.overwrite)
@@ -75,12 +82,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="train one source's adapter on the frozen backbone (resumable)")
-    t.add_argument("--source", action="append", required=True, metavar="DIR",
+    t.add_argument("--source", action="append", default=None, metavar="DIR",
                    help="an imagefolder (metadata.jsonl: file_name, text) or datasets:NAME[@SPLIT]; "
                    "repeat for the union of several (the monolithic paragon)")
     t.add_argument("--source-id", default=None, help="the source id (default: the folder name; 'paragon' for a union)")
     t.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="the adapter folder to write")
     t.add_argument("--overwrite", action="store_true", help="retrain from scratch and replace a finished adapter")
+    t.add_argument("--clean-cache", action="store_true", help="only delete OUT.train (the run's latent cache -- "
+                   "derived from the data -- checkpoint and log) and exit")
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
 

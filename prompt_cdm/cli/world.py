@@ -6,10 +6,15 @@ from pathlib import Path
 
 from .common import UsageError, _add_recipe_args
 
+MAX_RENDER = 1_000_000  # images per `world render` (the embedded world's largest use is ~10k)
+
 
 def cmd_world_render(a) -> None:
     from ..world.dataset import render_domain
 
+    if not 1 <= a.n <= MAX_RENDER or a.seed < 0 or (a.splits is not None and not 1 <= a.splits <= a.n):
+        raise UsageError(f"--n must be in 1..{MAX_RENDER}, --seed >= 0 and --splits in 1..n (got --n {a.n}, "
+                         f"--seed {a.seed}, --splits {a.splits})")
     folders = render_domain(a.domain, a.n, a.out, seed=a.seed, splits=a.splits, heldout=a.heldout)
     for f in folders:
         print(f)

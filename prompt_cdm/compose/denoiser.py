@@ -117,6 +117,20 @@ def encode_rows(pipe, prompts: Sequence[str], text_adapters: Sequence[str]) -> t
 # ---------------------------------------------------------------- the composed denoiser
 
 
+def _check_finite(out: torch.Tensor, sources, idx_i: torch.Tensor, step: int) -> None:
+    """ComposeError naming the sources whose UNet rows came out NaN or infinite (an adapter that blows up the
+    backbone would otherwise turn the whole composition into a black image). `out` [rows x C x H x W]: its
+    last len(idx_i) rows are the conditional rows of sources idx_i."""
+    bad = ~torch.isfinite(out.flatten(1)).all(dim=1)
+    if not bad.any():
+        return
+    m = len(idx_i)
+    names = sorted({sources[i].name for i, b in zip(idx_i.tolist(), bad[-m:].tolist()) if b}) if m else []
+    who = f"source(s) {', '.join(names)}" if names else "the unconditional row"
+    raise ComposeError(f"step {step}: the UNet output of {who} is NaN or infinite; that adapter is unusable "
+                       "(remove it from the composition, or forget and retrain it)")
+
+
 @dataclass
 class StepRecord:
     """What one composed step computed (kept for parity tests, the ito estimator and benchmarks)."""
@@ -289,6 +303,7 @@ class ComposedDenoiser:
         out = self._unet(xs, t, embs, names)
 
         n, N, m = self.n, self.batch, len(idx_i)
+        _check_finite(out, self.sources, idx_i, step)
         eps_rows = x.new_zeros((n, N, *x.shape[1:]))
         eps_rows[idx_i, idx_j] = out[-m:]
         eps_u = None
@@ -305,6 +320,9 @@ class ComposedDenoiser:
         self.rows_per_step.append(len(names))
         self._active = mixed.active
         self._step += 1
+        if not torch.isfinite(mixed.eps).all():
+            raise ComposeError(f"step {step}: the composed noise prediction is NaN or infinite (guidance "
+                               f"{self.guidance_scale:g}); lower the guidance or check the sources' adapters")
         if self.callback is not None:
             self.callback(step, t, mixed)
         return mixed.eps

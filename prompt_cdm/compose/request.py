@@ -17,6 +17,9 @@ UNCOND_MODES = ("shared", "per-source")
 # sparse routing's starting point (DESIGN.md section 2; to be measured, not trusted): drop a source
 # whose weight is < 5% once the first 20% of the steps are done
 SPARSE_EPS, SPARSE_WARMUP = 0.05, 0.2
+# bounds of a request: past them the numbers are typos or attacks (a seed must leave room for seed + index
+# in torch's 64-bit generator; guidance past 100 only saturates the image)
+MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 10_000, 100.0, 2**62
 
 
 class ComposeError(ValueError):
@@ -124,6 +127,9 @@ class ComposeRequest:
         self.prompts = list(self.prompts)
         if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
             raise ComposeError("give at least one prompt (a list of strings)")
+        if not all(p.strip() for p in self.prompts):
+            raise ComposeError("a prompt is empty; give text to generate from (an empty prompt is the "
+                               "unconditional row, not a request)")
         if self.sources is not None:
             self.sources = list(dict.fromkeys(self.sources))
             if not self.sources:
@@ -148,6 +154,20 @@ class ComposeRequest:
             raise ComposeError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ComposeError(f"--max-rows must be >= 1, got {self.max_rows}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ComposeError(f"--steps must be in 1..{MAX_STEPS}, got {self.steps}")
+        if not (math.isfinite(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE):
+            raise ComposeError(f"--guidance must be a number in 0..{MAX_GUIDANCE:g} (1 = no guidance), got "
+                               f"{self.guidance}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ComposeError(f"--seed must be in 0..{MAX_SEED} (2**62), got {self.seed}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ComposeError(f"--temperature must be a number > 0, got {self.temperature}")
+        if self.size is not None and not (8 <= self.size <= 4096 and self.size % 8 == 0):
+            raise ComposeError(f"--size must be a multiple of 8 in 8..4096, got {self.size}")
+        if not math.isfinite(self.sparse_eps) or (self.caption_prior is not None
+                                                  and not math.isfinite(self.caption_prior)):
+            raise ComposeError("sparse_eps and the caption prior's strength must be finite numbers")
 
     def uncond_for(self, n_sources: int) -> str:
         return self.uncond or default_uncond(n_sources)

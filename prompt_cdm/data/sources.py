@@ -59,9 +59,9 @@ def sanitize_id(name: str) -> str:
 
 
 def check_id(source_id: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", source_id or ""):
-        raise SourceError(f"source id {source_id!r} must be letters, digits, '_' or '-' and start with a letter "
-                          "or digit (it names the adapter); pass another id")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,99}", source_id or ""):
+        raise SourceError(f"source id {source_id[:40]!r} must be 1-100 letters, digits, '_' or '-' and start with a "
+                          "letter or digit (it names the adapter); pass another id")
     return source_id
 
 
@@ -452,10 +452,23 @@ def open_sources(specs: list[str | os.PathLike], source_id: str | None = None) -
 
 def clear_cache(source: DataSource, cache_dir: str | os.PathLike | None = None) -> None:
     """Delete the cached manifests of `source` (and of a union's members): part of forgetting a source."""
+    for s in source.members():
+        clear_cached_manifests(s.id, cache_dir)
+
+
+def clear_cached_manifests(source_id: str, cache_dir: str | os.PathLike | None = None) -> list[str]:
+    """Delete the cached manifests (per-image and caption hashes, the data's location) of source id
+    `source_id`; the folders deleted. `registry forget` calls it."""
+    import glob
     import shutil
 
     root = cache_root(cache_dir) / "sources"
-    for s in source.members():
-        for d in root.glob(f"{s.id}-*"):
-            if re.fullmatch(re.escape(s.id) + r"-[0-9a-f]{16}", d.name):  # not another id that starts alike
-                shutil.rmtree(d, ignore_errors=True)
+    gone = []
+    for d in sorted(root.glob(f"{glob.escape(source_id)}-*")) if root.is_dir() else []:
+        if re.fullmatch(re.escape(source_id) + r"-[0-9a-f]{16}", d.name):  # not another id that starts alike
+            if d.is_symlink() or not d.is_dir():
+                d.unlink()
+            else:
+                shutil.rmtree(d)
+            gone.append(str(d))
+    return gone

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..util.io import replace_dir, sha256_file, write_json
+from ..util.io import loads_json, replace_dir, sha256_file, write_json
 
 CHECKSUMS_NAME = "checksums.json"
 CHECKSUMS_FORMAT = "prompt_cdm/checksums"
@@ -112,6 +112,9 @@ def _local_files(folder: Path) -> list[str]:
         rel = p.relative_to(folder).as_posix()
         if rel == CHECKSUMS_NAME or any(rel == n or rel.startswith(n + "/") for n in _NOT_PUSHED):
             continue
+        if p.is_symlink():  # a link would upload whatever it points at (/etc/passwd, another source's weights)
+            raise HubError(f"{folder}/{rel} is a symbolic link; an adapter folder holds regular files only -- "
+                           "replace it with the file itself")
         if p.is_file():
             out.append(rel)
     return out
@@ -142,10 +145,7 @@ def verify_checksums(folder: str | os.PathLike, label: str | None = None, ignore
     if not path.is_file():
         raise HubError(f"{label} has no {CHECKSUMS_NAME}: it was not pushed with `prompt-cdm hub push`, or the push "
                        f"did not finish; {again}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HubError(f"{label}: {CHECKSUMS_NAME} is not valid JSON ({e}); {again}") from None
+    data = loads_json(path.read_bytes(), HubError, f"{label}: {CHECKSUMS_NAME}", again)
     files = data.get("files") if isinstance(data, dict) else None
     if (not isinstance(files, dict) or data.get("format") != CHECKSUMS_FORMAT
             or data.get("version") != CHECKSUMS_VERSION or data.get("algorithm") != "sha256"):
@@ -277,7 +277,7 @@ def _hub_errors(action: str, repo_id: str, revision: str | None, endpoint: str |
 def _stage(folder: Path, stage: Path) -> None:
     for rel in _local_files(folder):
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(folder / rel, stage / rel)
+        shutil.copy2(folder / rel, stage / rel, follow_symlinks=False)
 
 
 def push(folder: str | os.PathLike, dest: str, *, revision: str | None = None, private: bool | None = None,
@@ -402,8 +402,12 @@ def pull(src: str, into: str | os.PathLike, *, revision: str | None = None, back
     if into.exists() and (not into.is_dir() or (any(into.iterdir()) and not overwrite)):
         raise HubError(f"{into} exists and is not an empty folder; pass --overwrite (overwrite=True) to replace it")
     label = f"{src}" + (f" (revision {revision})" if revision else "")
-    into.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{into.name}.", suffix=".pull", dir=into.parent))
+    try:  # before any download: a parent that is a file or cannot be written
+        into.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{into.name}.", suffix=".pull", dir=into.parent))
+    except OSError as e:
+        raise HubError(f"cannot create {into}: {e.strerror or e} ({e.filename or into.parent}); pass --into a "
+                       "folder you can write") from None
     try:
         if loc.is_hub:
             _hub_download(loc.repo_id, tmp, revision, endpoint)
@@ -445,5 +449,8 @@ def _fs_download(url: str, tmp: Path) -> None:
     for rel in sorted(files):
         if not _safe_relpath(rel):
             raise HubError(f"{url}: unexpected file name {rel!r}; push the adapter folder again")
+        info = fs.info(posixpath.join(root, rel))
+        if info.get("islink") or info.get("type") not in (None, "file"):
+            raise HubError(f"{url}: {rel} is a link or not a regular file; prompt-cdm pulls regular files only")
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(posixpath.join(root, rel), str(tmp / rel))

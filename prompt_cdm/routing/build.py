@@ -12,13 +12,14 @@ def build_registry(pipe, adapters: Path, data: Path, out: Path, domains: list[st
                    router_steps: int = 400, kinds=("classifier", "ratio")):
     """OUT/registry with every domain's adapter, cached latents and the routers of `kinds` (the classifier,
     the ratio heads and their reference set)."""
+    from ..adapters.kinds import backbone_table
     from ..registry.registry import REFERENCE, Registry
     from .routers import CACHE_FILE, CAPTION_STATS, RouterTrainConfig, cache_caption_stats, cache_latents, train_router
     from ..world.dataset import render_domain
 
     folder = out / "registry"
     reg = Registry(folder) if (folder / "registry.json").is_file() else Registry.create(
-        folder, pipe.backbone_name, pipe.backbone_fingerprint)
+        folder, pipe.backbone_name, pipe.backbone_fingerprint, modules=backbone_table(pipe))
     report = {}
     for d in domains:
         if d not in reg.sources:

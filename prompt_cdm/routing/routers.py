@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..estimators import classifier_loss, ratio_loss
-from ..registry.registry import REFERENCE, Registry, RegistryError
+from ..registry.registry import CACHES, REFERENCE, Registry, RegistryError
 
 LATENTS, CONTEXT = "latents", "context"
 CACHE_FILE = "latents.safetensors"
@@ -135,16 +135,17 @@ def encode_imagefolder(pipe, folder, batch_size: int = 32, name: str | None = No
 def cache_latents(registry: Registry, name: str | None, pipe, folder) -> str:
     """Encode `folder` and cache it for router training: as source `name`'s data (caches/NAME/, deleted
     when the source is forgotten) or, with name=None, as the public reference set (reference/)."""
-    from ..util.io import save_safetensors
-
     if getattr(pipe, "backbone_fingerprint", None) != registry.backbone["fingerprint"]:
         raise RegistryError("the pipeline is not the registry's backbone; load "
                             f"{registry.backbone['name']} to cache latents")
-    path = (registry.cache_dir(name) if name is not None else registry.folder / REFERENCE) / CACHE_FILE
-    save_safetensors(path, encode_imagefolder(pipe, folder, name=name))
+    from safetensors.torch import save_file
+
+    rel = f"{CACHES}/{name}/{CACHE_FILE}" if name is not None else f"{REFERENCE}/{CACHE_FILE}"
+    tensors = {k: v.contiguous() for k, v in encode_imagefolder(pipe, folder, name=name).items()}
+    registry.save_derived(rel, lambda path: save_file(tensors, str(path)))
     if name is not None:
         cache_caption_stats(registry, name, pipe.tokenizer, folder)
-    return str(path.relative_to(registry.folder))
+    return rel
 
 
 def folder_caption_stats(tokenizer, folder):
@@ -159,13 +160,13 @@ def folder_caption_stats(tokenizer, folder):
 def cache_caption_stats(registry: Registry, name: str, tokenizer, folder) -> str:
     """caches/NAME/caption_stats.json: the token counts of source `name`'s captions (the caption prior's
     per-source model; deleted with the source)."""
-    from ..util.io import write_json
+    import json
 
     registry.source(name)
-    stats = folder_caption_stats(tokenizer, folder)
-    path = registry.cache_dir(name) / CAPTION_STATS
-    write_json(path, stats.to_json())
-    return str(path.relative_to(registry.folder))
+    text = json.dumps(folder_caption_stats(tokenizer, folder).to_json(), indent=2) + "\n"
+    rel = f"{CACHES}/{name}/{CAPTION_STATS}"
+    registry.save_derived(rel, lambda path: path.write_text(text))
+    return rel
 
 
 def caption_prior_from_registry(registry: Registry, names: Sequence[str], prompts: Sequence[str], tokenizer,

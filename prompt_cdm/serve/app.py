@@ -16,8 +16,11 @@ Endpoints (`Authorization: Bearer KEY`; the schema is served at /openapi.json, d
     DELETE /v1/admin/policies/{name}       (admin key)
 
 Answers: 401 missing/unknown/revoked key; 403 a source outside the key's policy (default deny: the
-message names only what was asked for); 422 bad JSON, wrong types, unknown fields, out-of-bound
-steps/prompts/size; 429 + Retry-After when the queue is full; 504 past the request timeout.
+message names only what was asked for); 409 a source whose adapter does not load, or a forget that
+could not finish (the source is out of the index and unloaded; rerun `registry forget`); 422 bad
+JSON (nested too deeply included), wrong types, unknown fields, out-of-bound steps/prompts/size, an
+upload that is not a valid adapter for this backbone, a generation whose noise prediction turned
+NaN/inf; 429 + Retry-After when the queue is full; 504 past the request timeout.
 Generation runs in `engine.Engine` (one worker, bounded queue); this module is only the HTTP edge.
 """
 
@@ -96,6 +99,7 @@ class Error(BaseModel):
 
 def _errors(*codes: int) -> dict:
     why = {401: "missing, unknown or revoked key", 403: "not allowed for this key", 404: "not found",
+           409: "the registry does not allow it now (a source that does not load; a forget to finish)",
            413: "request body too large", 422: "invalid request", 429: "queue full (see Retry-After)",
            504: "request timeout"}
     return {c: {"model": Error, "description": why[c]} for c in codes}
@@ -252,8 +256,9 @@ def create_app(registry_dir: str | os.PathLike, pipe, config: ServeConfig | None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        if e.status_code == 400 and isinstance(e.__cause__, ValueError):  # FastAPI: a body it could not decode
-            why = "not UTF-8 text" if isinstance(e.__cause__, UnicodeDecodeError) else str(e.__cause__)
+        if e.status_code == 400 and isinstance(e.__cause__, (ValueError, RecursionError)):  # a body FastAPI could not decode
+            why = ("not UTF-8 text" if isinstance(e.__cause__, UnicodeDecodeError) else
+                   "nested too deeply" if isinstance(e.__cause__, RecursionError) else str(e.__cause__))
             return JSONResponse({"detail": f"invalid request: the body is not valid JSON ({why})"}, status_code=422)
         return await http_exception_handler(request, e)
 
@@ -268,7 +273,7 @@ def create_app(registry_dir: str | os.PathLike, pipe, config: ServeConfig | None
                 "routers": sorted(ESTIMATORS)}
 
     @app.post("/v1/generate", response_model=GenerateResponse, summary="compose and generate",
-              responses=_errors(401, 403, 413, 422, 429, 504))
+              responses=_errors(401, 403, 409, 413, 422, 429, 504))
     async def generate(req: GenerateRequest, key: KeyRecord = Depends(user)):
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         names = await run_in_threadpool(engine.authorize, key, req.sources)
@@ -293,7 +298,7 @@ def create_app(registry_dir: str | os.PathLike, pipe, config: ServeConfig | None
 
     @app.get("/v1/admin/sources", summary="every source (admin)", responses=_errors(401, 403))
     def admin_sources(key: KeyRecord = Depends(admin)) -> dict:
-        return {"sources": engine.registry_view("sources"), "loaded": engine.loaded}
+        return {"sources": engine.registry_view("sources"), "loaded": engine.loaded, "broken": engine.broken}
 
     @app.post("/v1/admin/sources", status_code=201, summary="add a source (admin)",
               responses=_errors(401, 403, 413, 422))
@@ -315,9 +320,9 @@ def create_app(registry_dir: str | os.PathLike, pipe, config: ServeConfig | None
             try:
                 return engine.add_source(req.name, folder, manifest)
             except RegistryError as e:
-                raise Invalid(str(e)) from None
+                raise Invalid(str(e).replace(str(folder), req.name)) from None
 
-    @app.delete("/v1/admin/sources/{name}", summary="forget a source (admin)", responses=_errors(401, 403, 404))
+    @app.delete("/v1/admin/sources/{name}", summary="forget a source (admin)", responses=_errors(401, 403, 404, 409))
     def admin_forget(name: str, key: KeyRecord = Depends(admin)) -> dict:
         report = engine.forget(name)
         return dict(asdict(report), unloaded=name not in engine.loaded)

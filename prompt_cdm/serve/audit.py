@@ -2,16 +2,21 @@
 
     REGISTRY/serve/audit.jsonl   {"time", "request", "key", "sources", "credit", "router", "images", "steps"}
 
-Lines are only ever appended, each with one `write` on a file opened O_APPEND (so concurrent
-writers never interleave within a line) and flushed to disk before the request is answered.
+Lines are appended, each with one `write` on a file opened O_APPEND (so concurrent writers never
+interleave within a line) and flushed to disk before the request is answered. The one rewrite is
+`registry forget`'s redaction of a forgotten source's name (registry.Registry._redact_audit): appends
+take the registry's writer lock (`lock_folder`) so that no line is written into a file being replaced.
 """
 from __future__ import annotations
 
 import json
 import os
 import threading
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
+
+from ..util.lock import locked
 
 AUDIT_FILE = "audit.jsonl"
 
@@ -21,17 +26,19 @@ def now() -> str:
 
 
 class AuditLog:
-    """Append-only JSONL file at `path` (created with its folder on the first append)."""
+    """Append-only JSONL file at `path` (created with its folder on the first append); `lock_folder`: the
+    registry whose writer lock each append holds."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, lock_folder: str | os.PathLike | None = None):
         self.path = Path(path)
+        self.lock_folder = lock_folder
         self._lock = threading.Lock()
 
     def append(self, record: dict) -> dict:
         """Append `record` (a "time" field is added first when missing); returns what was written."""
         row = {"time": now(), **record}
         line = (json.dumps(row, sort_keys=False) + "\n").encode()
-        with self._lock:
+        with self._lock, (locked(self.lock_folder) if self.lock_folder is not None else nullcontext()):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:

@@ -9,10 +9,13 @@ A key is `pcdm_<id>_<secret>`: `id` (12 hex digits) names the key in listings an
 at microseconds. Checking compares digests in constant time (`hmac.compare_digest`), and an unknown
 id costs the same hash as a known one.
 
-Each record is bound to an access policy of the registry (the sources its holder may compose) or
-is an admin key (no policy: admin endpoints only). Revoked keys stay listed (their ids appear in
-the audit log) but never authenticate again. The file is rewritten atomically; `refresh()` rereads
-it when another process (the CLI) changed it, so a running server honours a revocation at once.
+Each record is bound to an access policy of the registry (the sources its holder may compose) --
+by the policy's name and its id (`Registry.policy_id`), so removing a policy and creating another of
+the same name grants the old keys nothing -- or is an admin key (no policy: admin endpoints only).
+Revoked keys stay listed (their ids appear in the audit log) but never authenticate again. Every
+change is a read-modify-write under the registry's writer lock (`util.lock`: parallel `keys create`
+and `keys revoke` never lose one another's change), written atomically; `refresh()` rereads the file
+when another process (the CLI) changed it, so a running server honours a revocation at once.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..util.io import read_json, write_json
+from ..util.lock import locked
 from ..registry.registry import SERVE as SERVE_DIR
 
 KEYS_FILE = "keys.json"
@@ -48,6 +52,7 @@ class KeyRecord:
     created: str
     revoked: str | None = None
     note: str = ""
+    policy_id: str | None = None  # the identity of the policy when the key was made (None: before policy ids)
 
     @property
     def active(self) -> bool:
@@ -75,6 +80,7 @@ class KeyStore:
 
     def __init__(self, registry_folder: str | os.PathLike):
         self.path = keys_path(registry_folder)
+        self.folder = Path(registry_folder)
         self._stamp = None
         self._data = {"format": FORMAT, "version": VERSION, "keys": {}}
         self.refresh()
@@ -102,41 +108,55 @@ class KeyStore:
         return True
 
     def _save(self) -> None:
+        from ..util.io import fsync_path
+
         write_json(self.path, self._data)
+        fsync_path(self.path)
         self._stamp = self._signature()
 
     # -- making and revoking ----------------------------------------------------------------------
 
     def create(self, policy: str | None = None, admin: bool = False, note: str = "") -> tuple[KeyRecord, str]:
-        """A new key -> (its record, the key text). The text is not stored: show it once."""
+        """A new key -> (its record, the key text). The text is not stored: show it once. A policy key
+        records the policy's identity (`Registry.policy_id`), which a later policy of the same name lacks."""
+        from ..registry.registry import REGISTRY_FILE, Registry
+
         if admin == (policy is not None):
             raise KeyStoreError("a key is either bound to a policy (--policy NAME) or an admin key (--admin)")
-        self.refresh()
-        kid = secrets.token_hex(6)
-        while kid in self._data["keys"]:
+        with locked(self.folder):
+            policy_id = None
+            if policy is not None and (self.folder / REGISTRY_FILE).is_file():
+                policy_id = Registry(self.folder).policy_id(policy)  # unknown policy: RegistryError
+            self._stamp = None
+            self.refresh()
             kid = secrets.token_hex(6)
-        secret, salt = secrets.token_urlsafe(32), secrets.token_hex(16)
-        rec = KeyRecord(kid, policy, admin, _now(), None, note)
-        self._data["keys"][kid] = dict(rec.public(), salt=salt, sha256=_digest(salt, secret))
-        self._save()
+            while kid in self._data["keys"]:
+                kid = secrets.token_hex(6)
+            secret, salt = secrets.token_urlsafe(32), secrets.token_hex(16)
+            rec = KeyRecord(kid, policy, admin, _now(), None, note, policy_id)
+            self._data["keys"][kid] = dict(rec.public(), salt=salt, sha256=_digest(salt, secret))
+            self._save()
         return rec, f"{PREFIX}_{kid}_{secret}"
 
     def revoke(self, key_id: str) -> KeyRecord:
         """Revoke key `key_id` (it stays listed, never authenticates again). Idempotent."""
-        self.refresh()
-        entry = self._data["keys"].get(key_id)
-        if entry is None:
-            raise KeyStoreError(f"unknown key id {key_id!r}; `prompt-cdm keys list --registry DIR` shows them")
-        if entry.get("revoked") is None:
-            entry["revoked"] = _now()
-            self._save()
+        with locked(self.folder):
+            self._stamp = None
+            self.refresh()
+            entry = self._data["keys"].get(key_id)
+            if entry is None:
+                raise KeyStoreError(f"unknown key id {key_id!r}; `prompt-cdm keys list --registry DIR` shows them")
+            if entry.get("revoked") is None:
+                entry["revoked"] = _now()
+                self._save()
         return self.get(key_id)
 
     # -- reading ----------------------------------------------------------------------------------
 
     def get(self, key_id: str) -> KeyRecord:
         e = self._data["keys"][key_id]
-        return KeyRecord(e["id"], e["policy"], bool(e["admin"]), e["created"], e.get("revoked"), e.get("note", ""))
+        return KeyRecord(e["id"], e["policy"], bool(e["admin"]), e["created"], e.get("revoked"), e.get("note", ""),
+                         e.get("policy_id"))
 
     def records(self) -> list[KeyRecord]:
         self.refresh()

@@ -73,6 +73,13 @@ class Invalid(ServeError):
     status = 422
 
 
+class Conflict(ServeError):
+    """The registry is not in a state that allows the request (a source that does not load; a forget
+    that could not finish): the message says what an admin must do."""
+
+    status = 409
+
+
 class Expired(ServeError):
     """The request's deadline passed before its generation began."""
 
@@ -159,7 +166,7 @@ class Engine:
                                 f"({self._reg.backbone['name']}); the pipeline given is {fp}")
         self.pipe = pipe
         self.keys = KeyStore(self.folder)
-        self.audit = AuditLog(self.folder / SERVE_DIR / AUDIT_FILE)
+        self.audit = AuditLog(self.folder / SERVE_DIR / AUDIT_FILE, lock_folder=self.folder)
         self.image_size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
         self.queue_size = queue_size
         self._threads = threads or torch.get_num_threads()
@@ -232,6 +239,8 @@ class Engine:
         policy (default deny)."""
         if key.admin or key.policy is None or key.policy not in self._reg.policies:
             return []
+        if key.policy_id != self._reg.policy_id(key.policy):  # the policy was removed and made again
+            return []
         have = self._reg.data["sources"]
         return [s for s in self._reg.policy(key.policy) if s in have]
 
@@ -290,13 +299,31 @@ class Engine:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
+    @property
+    def broken(self) -> dict[str, str]:
+        """{source: why its adapter does not load} (for admins; it may name server paths)."""
+        return {n: why for n, (_, why) in self._broken.items()}
+
     # -- admin ------------------------------------------------------------------------------------
 
     def add_source(self, name: str, adapter_dir: str | os.PathLike, manifest=None) -> dict:
-        """`Registry.add`, then load it (so a broken adapter shows at once): the entry + loaded/error."""
-        with self._state:
-            self._refresh()
-            entry = self._reg.add(name, adapter_dir, manifest=manifest)
+        """Check the folder on the pipeline (`load_adapter`, then taken off again: a folder that does not
+        fit this backbone is refused with Invalid, its message naming the upload by `name`, never a server
+        path), then `Registry.add` and load it: the entry + loaded/error."""
+        from ..adapters.errors import AdapterError
+        from ..adapters.store import load_adapter
+
+        with self._pipe:
+            try:
+                load_adapter(adapter_dir, self.pipe, name=f"check-{uuid.uuid4().hex[:8]}").remove()
+            except AdapterError as e:
+                raise Invalid(f"cannot add {name!r}: {str(e).replace(str(adapter_dir), name)}") from None
+            with self._state:
+                self._refresh()
+                try:
+                    entry = self._reg.add(name, adapter_dir, manifest=manifest)
+                except RegistryError as e:
+                    raise Invalid(str(e).replace(str(adapter_dir), name)) from None
         self.sync()
         out = dict(entry, name=name, loaded=name in self._loaded)
         if name in self._broken:
@@ -310,8 +337,18 @@ class Engine:
             self._refresh()
             if name not in self._reg.data["sources"]:
                 raise NotFound(f"unknown source {name!r}")
-            report = self._reg.forget(name)
-        self.sync()
+            try:
+                report = self._reg.forget(name)
+            except (RegistryError, OSError) as e:
+                failure = e
+            else:
+                failure = None
+            self._refresh()
+        self.sync()  # the source left the index first: unload it even when its files could not all go
+        if failure is not None:
+            why = failure.strerror if isinstance(failure, OSError) and failure.strerror else str(failure)
+            raise Conflict(f"forget {name!r} did not finish ({why}): it is out of the index, refused to every "
+                           "request and unloaded; run `prompt-cdm registry forget` again to finish the deletion")
         return report
 
     def registry_view(self, what: str):
@@ -382,8 +419,9 @@ class Engine:
                 names = self._authorize(self.keys.get(job.key_id), job.sources)
                 self._sync()
                 broken = [n for n in names if n in self._broken]
-                if broken:
-                    raise ServeError(f"source {broken[0]!r} could not be loaded: {self._broken[broken[0]][1]}")
+                if broken:  # the reason names server paths: it is the admin's (GET /v1/admin/sources)
+                    raise Conflict(f"source {broken[0]!r} is unavailable: its adapter does not load on this "
+                                   "backbone; ask an admin to forget it or add a working one")
                 check_weights(job.weights, names)
                 self.cdm.registry = self._reg
                 try:

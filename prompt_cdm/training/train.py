@@ -625,13 +625,9 @@ def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.Path
                                                    "n_items": manifest.n_items}]
         train_config = cfg.as_dict()
         train_config["sources"] = members
-        save_adapter(out, adapter, source_id=source.id, fingerprint=fingerprint, base_model=base_model,
-                     data_hash=manifest.hash, train_config=train_config, figures=figures, sample_grid=sample_grid,
-                     overwrite=overwrite)
-        write_jsonl(out / LOG_NAME, rows)
-        if rows:
-            save_loss_curve(rows, out / CURVE_NAME, f"{source.id} ({cfg.kind})")
-        shutil.rmtree(work, ignore_errors=True)  # the cache is derived from the data: it goes with the run
+        save_run(out, work, adapter, rows, f"{source.id} ({cfg.kind})", source_id=source.id,
+                 fingerprint=fingerprint, base_model=base_model, data_hash=manifest.hash, train_config=train_config,
+                 figures=figures, sample_grid=sample_grid, overwrite=overwrite)
         return TrainResult(str(out), source.id, manifest.hash, cfg.steps, final,
                            figures.get("steps/s"), wall)
     finally:
@@ -641,6 +637,35 @@ def train_adapter(source: DataSource, pipe, cfg: TrainConfig, out: str | os.Path
             run.close()
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
+
+
+def save_run(out: Path, work: Path, adapter, rows: list[dict], title: str, **save_kw) -> Path:
+    """A run's end: the adapter folder with its loss log and curve, renamed into place in one step (a run
+    killed before the rename resumes and saves again; after it, the folder is whole), then `work` goes
+    (the latent cache is derived from the data)."""
+    from ..adapters.store import save_adapter
+
+    def log(folder: Path) -> None:
+        write_jsonl(folder / LOG_NAME, rows)
+        if rows:
+            save_loss_curve(rows, folder / CURVE_NAME, title)
+
+    save_adapter(out, adapter, extra=log, **save_kw)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def clean_run(out: str | os.PathLike) -> list[str]:
+    """Delete `<out>.train/` (an unfinished run's latent cache, checkpoint and log, or what a finished run
+    killed before removing it left); the paths deleted. `prompt-cdm train --clean-cache`."""
+    work = work_dir(out)
+    if not work.exists():
+        return []
+    if work.is_symlink() or not work.is_dir():
+        work.unlink()
+    else:
+        shutil.rmtree(work)
+    return [str(work)]
 
 
 def load_backbone(name: str, cfg: TrainConfig | None = None):
@@ -660,7 +685,9 @@ def train(backbone: str, sources: list[str | os.PathLike], cfg: TrainConfig, out
 
     source = open_sources(sources, source_id=source_id)
     if is_complete(out) and not overwrite:  # before the backbone loads: refusing should be instant
-        raise TrainError(f"{out} already holds a trained adapter; pass --overwrite to retrain it or delete the folder")
+        left = clean_run(out)  # a finished run killed before it removed its work folder
+        raise TrainError(f"{out} already holds a trained adapter; pass --overwrite to retrain it or delete the folder"
+                         + (f" (removed the finished run's leftover {left[0]})" if left else ""))
     source.manifest(cache_dir)  # a corrupt image stops the run before anything loads
     pipe = load_backbone(backbone, cfg)
     return train_adapter(source, pipe, cfg, out, base_model=backbone, overwrite=overwrite, cache_dir=cache_dir,

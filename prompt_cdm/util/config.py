@@ -140,16 +140,20 @@ def read_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"recipe {path} does not exist; see recipes/ for the shipped ones")
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} is not a file; pass a TOML recipe (see recipes/)")
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"recipe {path} is not valid TOML ({e}); fix the syntax and retry") from None
+    except RecursionError:
+        raise ConfigError(f"recipe {path} is nested too deeply to be a recipe; fix it and retry") from None
 
 
 def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text  # bare words are strings: --set data.domain=stars
 
 

@@ -112,8 +112,7 @@ def test_forget_deletes_everything_derived_and_verify_proves_it(pipe, adapters, 
     for s in reg.sources:
         reg.add_router(f"ratio-{s}", "ratio", {"w": torch.randn(4)}, [s])
     for s in ("a", "b"):
-        reg.cache_dir(s).mkdir(parents=True)
-        (reg.cache_dir(s) / "latents.safetensors").write_bytes(b"derived from " + s.encode())
+        reg.save_derived(f"caches/{s}/latents.safetensors", lambda p, s=s: p.write_bytes(b"derived from " + s.encode()))
     assert reg.verify() == []
     assert reg.summary()[1]["routers"] == ["classifier", "ratio-b"]
 
@@ -230,12 +229,13 @@ def test_cli_registry_and_generate_from_it(pipe, adapters, tmp_path, capsys):
 
 
 def _synthetic_cache(reg, name, mean, g, m=64):
-    from prompt_cdm.util.io import save_safetensors
+    from safetensors.torch import save_file
+
     from prompt_cdm.routing.routers import CACHE_FILE
 
-    folder = reg.cache_dir(name) if name else reg.folder / "reference"
-    save_safetensors(folder / CACHE_FILE, {"latents": mean + 0.5 * torch.randn(m, 4, 16, 16, generator=g),
-                                           "context": torch.randn(m, 64, generator=g)})
+    tensors = {"latents": mean + 0.5 * torch.randn(m, 4, 16, 16, generator=g), "context": torch.randn(m, 64, generator=g)}
+    reg.save_derived(f"caches/{name}/{CACHE_FILE}" if name else f"reference/{CACHE_FILE}",
+                     lambda p: save_file(tensors, str(p)))
 
 
 def test_routers_train_from_caches_route_and_forget(pipe, adapters, tmp_path):

@@ -387,7 +387,10 @@ def test_admin_adds_a_source_and_changes_policies(served, pipe, tmp_path):
 # ---------------------------------------------------------------- schema-driven fuzzing
 
 
-def test_schemathesis_fuzz_of_the_served_openapi_finds_no_5xx(pipe, adapters, tmp_path):
+def test_schemathesis_fuzz_of_the_served_openapi_finds_no_5xx(pipe, adapters, tmp_path, monkeypatch):
+    """Every operation, admin ones included, on a registry holding a source ('c') that cannot be forgotten
+    (its adapter folder cannot be deleted)."""
+    import prompt_cdm.registry.registry as registry
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
@@ -397,7 +400,17 @@ def test_schemathesis_fuzz_of_the_served_openapi_finds_no_5xx(pipe, adapters, tm
     reg = _registry(pipe, adapters, tmp_path / "reg")
     store = KeyStore(reg.folder)
     user, admin = store.create(policy="ab")[1], store.create(admin=True)[1]
+    real = registry._rmtree
+
+    def stuck(path):
+        if path == reg.folder / "adapters" / "c":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(registry, "_rmtree", stuck)
     with serving(reg.folder, pipe, max_steps=2, queue_size=4) as (app, url):
+        r = httpx.delete(f"{url}/v1/admin/sources/c", headers={"Authorization": f"Bearer {admin}"}, timeout=60)
+        assert r.status_code == 409, r.text
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
         ran = {}
         for result in schema.get_all_operations():
@@ -422,3 +435,112 @@ def test_schemathesis_fuzz_of_the_served_openapi_finds_no_5xx(pipe, adapters, tm
         print("fuzz status counts:", dict(sorted(ran.items())))
         assert not any(status >= 500 for _, status in ran), ran
         assert ran.get(("POST /v1/generate", 200)) and ran.get(("POST /v1/generate", 422)), ran
+        assert {"POST /v1/admin/sources", "DELETE /v1/admin/sources/{name}", "PUT /v1/admin/policies/{name}"} <= \
+            {tag for tag, _ in ran}, ran
+
+
+# ---------------------------------------------------------------- issue 16: refusals, never a 500
+
+
+def test_a_key_of_a_removed_policy_is_not_regranted_by_a_new_policy_of_that_name(served):
+    """Finding 4: `policy rm p2` then `policy set p2 ...` re-granted every old p2 key."""
+    with served.client("admin") as adm, served.client("ab") as old:
+        assert [s["name"] for s in old.get("/v1/sources").json()["sources"]] == ["a", "b"]
+        assert adm.delete("/v1/admin/policies/ab").status_code == 200
+        assert adm.put("/v1/admin/policies/ab", json={"sources": ["a", "b"]}).status_code == 200
+        assert old.get("/v1/sources").json()["sources"] == []
+        r = old.post("/v1/generate", json={"prompt": "a", "steps": 2})
+        assert r.status_code == 403
+        # replacing a policy's sources keeps its identity: a key made for the new one stays valid
+        new = KeyStore(served.folder).create(policy="ab")[1]
+        assert adm.put("/v1/admin/policies/ab", json={"sources": ["a"]}).status_code == 200
+        with served.client(new) as c:
+            assert [s["name"] for s in c.get("/v1/sources").json()["sources"]] == ["a"]
+
+
+def _bad_uploads(pipe, tmp_path) -> dict:
+    """name -> (files of an adapter folder, what the refusal says): finding 5's adapters."""
+    import torch
+    from safetensors.torch import save_file
+
+    from prompt_cdm.adapters import LoraAdapterConfig, lora, save_adapter
+
+    good = save_adapter(tmp_path / "good", lora.create(pipe, LoraAdapterConfig(rank=2, alpha=2.0)), pipe,
+                        source_id="g", data_hash="hash-g")
+    files = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    cfg = json.loads(files["adapter_config.json"])
+
+    def st(ts):
+        path = tmp_path / f"w{len(list(tmp_path.iterdir()))}.safetensors"
+        save_file(ts, str(path))
+        return path.read_bytes()
+
+    k0 = sorted(tensors)[0]
+    out = {
+        "huge": (dict(files, **{"adapter_model.safetensors": st(dict(tensors, **{k0: torch.full_like(tensors[k0], 3e38)}))}),
+                 "magnitude"),
+        "alpha": (dict(files, **{"adapter_config.json": json.dumps(dict(cfg, params=dict(cfg["params"], alpha=1e308))).encode()}),
+                  "alpha"),
+        "missing": (dict(files, **{"adapter_model.safetensors": st({k: v for k, v in tensors.items()
+                                                                     if ".down_blocks." not in k} or tensors)}), "lack"),
+        "deep": (dict(files, **{"adapter_config.json": b"[" * 100_000 + b"]" * 100_000}), "nested too deeply"),
+    }
+    return out
+
+
+def test_admin_uploads_of_bad_adapters_are_422_naming_no_server_path(served, pipe, tmp_path):
+    """Findings 5 and 7: huge weights / alpha passed and blackened compositions; a shape error reached users
+    as a 500 with an internal path; a 100k-deep adapter_config.json was a 500 on POST /v1/admin/sources."""
+    with served.client("admin") as adm:
+        for name, (files, needle) in _bad_uploads(pipe, tmp_path).items():
+            body = {"name": f"bad-{name}", "files": {k: base64.b64encode(v).decode() for k, v in files.items()}}
+            r = adm.post("/v1/admin/sources", json=body)
+            assert r.status_code == 422 and needle in r.json()["detail"], (name, r.text)
+            assert "/tmp" not in r.json()["detail"] and "prompt-cdm-upload" not in r.json()["detail"], r.text
+        assert not [s for s in Registry(served.folder).sources if s.startswith("bad-")]
+        r = adm.post("/v1/admin/sources", content=b"[" * 100_000 + b"]" * 100_000,
+                     headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "nested too deeply" in r.json()["detail"], r.text
+
+
+def test_a_source_that_turns_the_step_nan_fails_the_request_not_the_image(served, monkeypatch):
+    """Finding 5: one source that produced NaN blackened a composition with good sources (200, black PNG)."""
+    unet = served.engine.pipe.unet
+
+    def poison(module, args, output):
+        output.sample[-1] = float("nan")  # the last conditional row: source b's
+        return output
+
+    handle = unet.register_forward_hook(poison)
+    try:
+        with served.client("ab") as user:
+            r = user.post("/v1/generate", json={"prompt": "a", "steps": 2, "sources": ["a", "b"]})
+    finally:
+        handle.remove()
+    assert r.status_code == 422 and "source(s) b is NaN or infinite" in r.json()["detail"], r.text
+
+
+def test_a_forget_that_cannot_finish_is_409_and_the_source_is_unloaded(served, monkeypatch):
+    """Finding 7: DELETE /v1/admin/sources/NAME answered a bare 500 after the index changed and before
+    the adapter was unloaded."""
+    import prompt_cdm.registry.registry as registry
+
+    real = registry._rmtree
+
+    def stuck(path):
+        if path.name == "b" and path.parent.name == "adapters":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(registry, "_rmtree", stuck)
+    with served.client("admin") as adm, served.client("ab") as user:
+        r = adm.delete("/v1/admin/sources/b")
+        assert r.status_code == 409 and "registry forget` again" in r.json()["detail"], r.text
+        assert "b" not in served.engine.loaded
+        assert user.post("/v1/generate", json={"prompt": "a", "sources": ["b"], "steps": 2}).status_code == 403
+        monkeypatch.setattr(registry, "_rmtree", real)
+        Registry(served.folder).forget("b")
+        assert Registry(served.folder).verify() == []
