@@ -19,9 +19,9 @@ Question files follow TIFA v1.0 (`tifa_v1.0_question_answers.json`): a JSON list
         --answers mplug_result.json --format official --out tifa.json   # + tifa.official.json
 
 Images are `<caption id>.png` (or .jpg/.jpeg/.webp) in a folder, the official id -> path JSON, or
-generated on the fly; files are read in chunks, never all held. Bad input (records lacking keys, images
-missing for some ids, questions the backend cannot answer) is skipped and named in the result; `run_tifa`
-writes what it could score, then raises EvalError.
+generated on the fly (written to disk as generated, 64 captions at a time); files are read in chunks, never
+all held. Bad input (records lacking keys, images missing for some ids, questions the backend cannot
+answer) is skipped and named in the result; `run_tifa` writes what it could score, then raises EvalError.
 """
 from __future__ import annotations
 
@@ -379,17 +379,46 @@ def image_generator(backbone: str = "tiny", adapters: Sequence[str] = (), steps:
                     seed: int = 0, device=None, dtype=None) -> Callable[[list[str]], list]:
     """captions -> images with a backbone alone, or composing adapter folders (uniform weights; one adapter:
     plain diffusers semantics, per-source unconditional row) -- `prompt-cdm generate`'s defaults; the backbone
-    placed on `device` in `dtype` (backbone.placement)."""
-    def generate(captions: list[str]) -> list:
+    placed on `device` in `dtype` (backbone.placement). `generate(captions, offset)`: the captions starting at
+    index `offset` of the whole list (a multiple of the batch size), so generating in chunks gives the same
+    images as one call; the backbone loads once."""
+    state: dict = {}
+
+    def generate(captions: list[str], offset: int = 0) -> list:
         from prompt_cdm.backbone.loading import load_quietly
         from prompt_cdm.compose.pipeline import CDMPipeline
         from prompt_cdm.compose.request import ComposeRequest
 
+        if "cdm" not in state:
+            state["cdm"] = CDMPipeline(load_quietly(backbone, dtype, device), adapters=list(adapters))
         # the backbone alone draws noise per 64 prompts (text_to_image's batch), compositions per 16
-        req = ComposeRequest(captions, steps=steps, guidance=guidance, seed=seed, batch_size=16 if adapters else 64)
-        return CDMPipeline(load_quietly(backbone, dtype, device), adapters=list(adapters))(req, progress=True).images
+        req = ComposeRequest(captions, steps=steps, guidance=guidance, seed=seed + offset,
+                             batch_size=16 if adapters else 64)
+        return state["cdm"](req, progress=True).images
 
     return generate
+
+
+GENERATE_CHUNK = 64  # captions generated, written and dropped at a time (a multiple of both batch sizes above)
+
+
+def _generated(generate: Callable, ids: list[str], captions: Mapping[str, str], folder: Path) -> dict[str, Path]:
+    """Generate the captions' images chunk by chunk into `folder` as <id>.png -> {id: path}. A generator that
+    takes (captions, offset) is called per GENERATE_CHUNK captions; one that takes only captions, once."""
+    import inspect
+
+    from prompt_cdm.util.io import save_image
+
+    takes_offset = len(inspect.signature(generate).parameters) >= 2
+    step = GENERATE_CHUNK if takes_offset else max(1, len(ids))
+    paths = {}
+    for k in range(0, len(ids), step):
+        part = ids[k: k + step]
+        images = generate([captions[i] for i in part], k) if takes_offset else generate([captions[i] for i in part])
+        for i, im in zip(part, images):
+            paths[i] = folder / f"{i}.png"
+            save_image(paths[i], im)
+    return paths
 
 
 def run_tifa(questions: str | Path, out: str | Path, backend, *, images: str | Path | None = None,
@@ -410,21 +439,25 @@ def run_tifa(questions: str | Path, out: str | Path, backend, *, images: str | P
     qf = load_questions(questions)
     ids = caption_ids(qf.records)
     source: Mapping | None = None
+    scratch = None
     if images is not None:
         source = ImageFiles(find_images(images, ids)[0])
-    elif generate is not None:
-        caps = captions_by_id(qf.records)
-        source = dict(zip(ids, generate([caps[i] for i in ids]) if ids else []))
-        if save_images is not None:
-            from prompt_cdm.util.io import save_image
+    elif generate is not None:  # written as generated (to --save-images or a scratch folder), read back in chunks
+        import tempfile
 
-            for i, im in source.items():
-                save_image(Path(save_images) / f"{i}.png", im)
+        if save_images is None:
+            scratch = tempfile.TemporaryDirectory(prefix="tifa-images-")
+        folder = Path(save_images if save_images is not None else scratch.name)
+        source = ImageFiles(_generated(generate, ids, captions_by_id(qf.records), folder))
     if backend.free_form and mapper is None:
         from .tifa_mapping import get_mapper
 
         mapper = get_mapper(normalise=normalise)
-    run = evaluate(qf.records, source, backend, mapper, invalid_records=qf.problems, normalise=normalise)
+    try:
+        run = evaluate(qf.records, source, backend, mapper, invalid_records=qf.problems, normalise=normalise)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     run.result.update(questions=str(questions), images=str(images if images is not None else save_images or ""))
     res_p, _, _ = write_outputs(run, out, official=official)
     problem = problems_line(run.result)

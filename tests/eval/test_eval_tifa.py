@@ -293,3 +293,26 @@ def test_run_tifa_on_generated_images_saves_them_by_id(rendered, tmp_path):
     assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == [f"{k:06d}.png" for k in range(6)]
     with pytest.raises(EvalError, match="not both"):
         run_tifa(rendered / "q.json", tmp_path / "r.json", Echo(), images=rendered / "img", generate=generate)
+
+
+def test_generated_images_are_written_in_chunks_and_equal_one_call(tmp_path, monkeypatch):
+    """`image_generator` called per chunk with its offset gives the images of one call (the noise of each
+    batch is seeded by its index in the whole list), and run_tifa writes them out chunk by chunk."""
+    import eval.tifa as tifa
+    from helpers import have_tiny_weights
+
+    calls = []
+
+    def fake(captions, offset):
+        calls.append((len(captions), offset))
+        return [Image.new("RGB", (8, 8), (offset % 256, 0, 0))] * len(captions)
+
+    paths = tifa._generated(fake, [f"c{k}" for k in range(130)], {f"c{k}": "a star" for k in range(130)}, tmp_path)
+    assert calls == [(64, 0), (64, 64), (2, 128)] and len(paths) == 130 and paths["c129"].is_file()
+    if not have_tiny_weights():
+        pytest.skip("the tiny backbone's weights are not installed")
+    gen = tifa.image_generator("tiny", steps=2, seed=3, device="cpu", dtype="fp32")
+    caps = [f"a red star number {k}" for k in range(66)]
+    whole = gen(caps)
+    parts = gen(caps[:64], 0) + gen(caps[64:], 64)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(whole, parts))
