@@ -220,6 +220,12 @@ def test_gathered_routing_equals_peft_mixed_batch():
     for a, b in zip(outs["peft"], outs["gather"]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert (outs["peft"][0] - bare).abs().max() > 1e-3  # the adapters do act
+    with torch.no_grad():  # every row one adapter: the gathered path's no-gather shortcut
+        uni = {}
+        for method in ("peft", "gather"):
+            with lora.route_rows(pipe.unet, ["r8qv"] * 8, method=method):
+                uni[method] = pipe.unet(x, t, encoder_hidden_states=e).sample
+    torch.testing.assert_close(uni["gather"], uni["peft"], rtol=1e-5, atol=1e-5)
     with pytest.raises(lora.LoraError, match="unknown LoRA routing"):
         with lora.route_rows(pipe.unet, names, method="punica"):
             pass
