@@ -163,8 +163,9 @@ def composition(pipe, sources: list, ns: list[int], repeats: int) -> list[dict]:
     return rows
 
 
-def routing(pipe, sources: list, ns: list[int], repeats: int, bare_s: float, rows: int = 32) -> list[dict]:
-    """(c) routed UNet passes (peft / gather) over `rows` rows vs the bare UNet on the same rows."""
+def routing(pipe, bare_unet, sources: list, ns: list[int], repeats: int, rows: int = 32) -> list[dict]:
+    """(c) routed UNet passes (peft / gather) over `rows` rows vs `bare_unet` (a copy of the UNet made before
+    any adapter was injected) on the same rows, timed in turns so that a busy machine slows all three alike."""
     from prompt_cdm.adapters import lora
 
     device, dtype = pipe.unet.device, pipe.unet.dtype
@@ -176,32 +177,28 @@ def routing(pipe, sources: list, ns: list[int], repeats: int, bare_s: float, row
     out = []
     for n in ns:
         names = [sources[k % n].handle for k in range(rows)]
-        res = {"n": n, "rows": rows, "bare_s": bare_s}
-        for method in ("peft", "gather"):
+
+        def bare():
+            with torch.no_grad():
+                bare_unet(x, t, encoder_hidden_states=e)
+
+        def routed(method):
             def call():
                 with torch.no_grad(), lora.route_rows(pipe.unet, names, method=method):
                     pipe.unet(x, t, encoder_hidden_states=e)
+            return call
 
-            res[f"{method}_s"] = _timed(call, device, repeats)
-            res[f"{method}_overhead"] = res[f"{method}_s"] / bare_s - 1
+        calls = {"bare": bare, "peft": routed("peft"), "gather": routed("gather")}
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(repeats):
+            for k, fn in calls.items():
+                times[k].append(_timed(fn, device, 1))
+        res = {"n": n, "rows": rows, **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
+        for method in ("peft", "gather"):
+            res[f"{method}_overhead"] = res[f"{method}_s"] / res["bare_s"] - 1
         out.append(res)
         print(json.dumps(res), flush=True)
     return out
-
-
-def bare_unet(pipe, repeats: int, rows: int = 32) -> float:
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(rows, c, s, s, generator=g, device="cpu").to(device, dtype)
-    e = torch.randn(rows, 77, pipe.unet.config.cross_attention_dim, generator=g, device="cpu").to(device, dtype)
-    t = torch.tensor(500, device=device)
-
-    def call():
-        with torch.no_grad():
-            pipe.unet(x, t, encoder_hidden_states=e)
-
-    return _timed(call, device, repeats)
 
 
 def training(pipe, steps: int, root: Path, n_images: int = 16) -> dict:
@@ -276,10 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         res["one_adapter"] = one_adapter(pipe, a.steps, a.repeats, Path(tmp))
         print(json.dumps(res["one_adapter"]), flush=True)
-        bare = bare_unet(pipe, a.repeats)
+        import copy
+
+        bare = copy.deepcopy(pipe.unet)  # the UNet before any adapter, for (c)
         sources = _random_sources(pipe, max(ns + rns))
         res["composition"] = composition(pipe, sources, ns, a.repeats)
-        res["routing"] = routing(pipe, sources, rns, a.repeats, bare)
+        res["routing"] = routing(pipe, bare, sources, rns, a.repeats)
+        del bare
         from prompt_cdm.adapters import lora
 
         for s in sources:
