@@ -66,8 +66,8 @@ class DeepPromptConfig:
 
     # 8 tokens per layer: beside CLIP's 77 context tokens, ~10% of each layer's attention keys
     num_tokens: int = field(default=8, metadata={"help": "learned tokens per cross-attention layer (m)"})
-    mode: str = field(default="context", metadata={
-        "help": "context: tokens appended to the text context (through the frozen W_k, W_v); kv: key/value prefixes"})
+    mode: str = field(default="kv", metadata={
+        "help": "kv: learned key/value prefixes; context: tokens appended to the text context (through W_k, W_v)"})
     timestep_buckets: int = field(default=1, metadata={"help": "prompts per timestep range (1 = one for all t)"})
     num_train_timesteps: int = field(default=1000, metadata={"help": "the backbone's training timesteps T"})
 

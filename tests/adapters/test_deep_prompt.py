@@ -46,12 +46,12 @@ def _random_lora(pipe, seed):
 
 @pytest.fixture(scope="module")
 def folders(pipe, exported, tmp_path_factory):
-    """p: context-mode deep prompt, 3 tokens, 2 timestep buckets; q: kv-mode, 2 tokens; a: UNet LoRA; c: soft
+    """p: context-mode deep prompt, 3 tokens, 2 timestep buckets; q: kv-mode (the default), 2 tokens; a: UNet LoRA; c: soft
     prompt."""
     root = tmp_path_factory.mktemp("deep")
     sp = soft_prompt.create(pipe, SoftPromptConfig("<cdm-c>", 2, init_word="star"))
     sp.embeds = sp.embeds + torch.randn(sp.embeds.shape, generator=torch.Generator().manual_seed(3))
-    made = {"p": _random_deep(pipe, DeepPromptConfig(num_tokens=3, timestep_buckets=2), 1),
+    made = {"p": _random_deep(pipe, DeepPromptConfig(num_tokens=3, mode="context", timestep_buckets=2), 1),
             "q": _random_deep(pipe, DeepPromptConfig(num_tokens=2, mode="kv"), 2),
             "a": _random_lora(pipe, 4), "c": sp}
     return {k: save_adapter(root / k, v, pipe, source_id=k) for k, v in made.items()}
@@ -93,7 +93,7 @@ def test_context_tokens_are_extra_context_through_the_frozen_projections(pipe):
     ctx = torch.randn(2, 77, attn.to_k.in_features, generator=g)
     bank = dp.DeepPromptBank()
     tokens = torch.randn(2, 3, attn.to_k.in_features, generator=g)  # 2 buckets x 3 tokens
-    bank.prompts["s"] = (DeepPromptConfig(num_tokens=3, timestep_buckets=2), {layer: {"tokens": tokens}})
+    bank.prompts["s"] = (DeepPromptConfig(num_tokens=3, mode="context", timestep_buckets=2), {layer: {"tokens": tokens}})
     proc = dp.DeepPromptAttnProcessor(layer, bank)
     with torch.no_grad():
         bank.rows, bank.t = ["s", dp.BASE], torch.tensor(999)  # the last bucket
