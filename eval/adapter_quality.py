@@ -1,4 +1,4 @@
-"""Does adaptation work? judge-TIFA and FID per unseen domain: frozen backbone vs soft prompt vs LoRA.
+"""Does adaptation work? judge-TIFA and FID per unseen domain: frozen backbone vs soft prompt / deep prompt / LoRA.
 
     prompt-cdm train-all --world-domains all --kind lora --out runs/cdm_lora --recipe recipes/adapter_train.toml
     prompt-cdm train-all --world-domains all --kind soft-prompt --out runs/cdm_soft --recipe recipes/adapter_train.toml
@@ -19,18 +19,22 @@ from pathlib import Path
 import torch
 
 
-def adapter_images(pipe, folder, prompts: list[str], steps: int, guidance: float, seed: int) -> list:
-    """Images of one adapter folder on `prompts` (the adapter is removed again afterwards)."""
+def adapter_images(pipe, folder, prompts: list[str], steps: int, guidance: float, seed: int,
+                   uncond: str | None = None) -> list:
+    """Images of one adapter folder on `prompts` (the adapter is removed again afterwards). `uncond`: the
+    guidance's unconditional row (None: the request default, the adapter's own for one source)."""
     from prompt_cdm.compose.pipeline import CDMPipeline
     from prompt_cdm.compose.request import ComposeRequest
 
     with CDMPipeline(pipe, adapters=[folder]) as cdm:
-        return cdm(ComposeRequest(prompts, steps=steps, guidance=guidance, seed=seed), progress=True).images
+        return cdm(ComposeRequest(prompts, steps=steps, guidance=guidance, seed=seed, uncond=uncond),
+                   progress=True).images
 
 
 def evaluate(adapter_roots: dict[str, str], domains: list[str], n: int = 200, steps: int = 25,
              guidance: float = 5.0, seed: int = 0, backbone: str = "tiny", out: str | None = None) -> dict:
-    """{domain: {"frozen": metrics, kind: metrics, ...}}; adapter_roots: kind -> folder of <domain>/ adapters."""
+    """{domain: {"frozen": metrics, kind: metrics, ...}}; adapter_roots: kind -> folder of <domain>/ adapters
+    (a label ending in @shared or @per-source picks that unconditional row, e.g. deep-prompt@shared)."""
     from prompt_cdm.backbone.loading import load_quietly
     from prompt_cdm.compose.pipeline import text_to_image
     from prompt_cdm.util.plots import grid
@@ -51,7 +55,8 @@ def evaluate(adapter_roots: dict[str, str], domains: list[str], n: int = 200, st
         shown = [e.image for e in held[:8]] + images[:8]
         for kind, root in adapter_roots.items():
             t0 = time.time()
-            images = adapter_images(pipe, Path(root) / d, prompts, steps, guidance, seed)
+            uncond = kind.rsplit("@", 1)[1] if "@" in kind else None
+            images = adapter_images(pipe, Path(root) / d, prompts, steps, guidance, seed, uncond)
             rows[kind] = dict(score_world(judge, d, held, images, ref_features=ref), seconds=time.time() - t0)
             shown += images[:8]
         results[d] = rows
@@ -77,7 +82,8 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapters", nargs="+", required=True, metavar="KIND=DIR",
-                   help="adapter roots holding one folder per domain, e.g. lora=runs/cdm_lora/adapters")
+                   help="adapter roots holding one folder per domain, e.g. lora=runs/cdm_lora/adapters; "
+                   "KIND@shared=DIR guides with the frozen backbone's unconditional row instead of the adapter's")
     p.add_argument("--domains", required=True, help="comma-separated source domains")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--steps", type=int, default=25)

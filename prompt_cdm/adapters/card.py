@@ -67,7 +67,8 @@ def render(config, figures: dict[str, Any] | None, license: str, samples_file: s
         parts.append(f"## Samples\n\n![samples]({samples_file})\n")
     parts.append("## Files\n\n- `adapter_config.json`: kind, hyper-parameters, source, backbone fingerprint, "
                  "data hash, training config\n- `adapter_model.safetensors`: the weights (prompt_cdm keys)\n"
-                 + f"- `{get_kind(config.kind).diffusers_file}`: {get_kind(config.kind).diffusers_note}\n")
+                 + (f"- `{kind.diffusers_file}`: {kind.diffusers_note}\n" if kind.diffusers_file != "adapter_model.safetensors"
+                    else f"  ({kind.diffusers_note})\n"))
     return "\n".join(parts)
 
 

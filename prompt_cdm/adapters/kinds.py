@@ -7,6 +7,8 @@ An adapter kind says everything the rest of the package needs to know about it:
     export               the diffusers-loadable copy beside them (diffusers' own file format)
     check_weights        the pipeline-free key / shape check of the validator (validate.py)
     row_prompt / unet_adapter / text_adapter   what one row of the composed batch carries
+    route                the context that routes one UNet pass's rows to this kind's adapters (LoRA layers,
+                         deep-prompt attention processors; None for a kind that only changes the text)
     trigger              the word a prompt must carry (a soft prompt's placeholder; unique in a registry)
     train_section / start_training            its TrainConfig section and the training hooks (`Training`)
     title / hub_tag / diffusers_file / card_usage   how its model card and file list name and use it
@@ -22,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from . import lora, soft_prompt
+from . import deep_prompt, lora, soft_prompt
+from .deep_prompt import DeepPrompt, DeepPromptConfig
 from .errors import AdapterError
 from .lora import BASE, LoraAdapter, LoraAdapterConfig
 from .soft_prompt import SoftPrompt, SoftPromptConfig
@@ -113,6 +116,11 @@ class AdapterKind:
 
     def text_adapter(self, handle: str, params: dict) -> str:
         return BASE
+
+    def route(self, unet, row_handles: list[str], error: type[Exception]):
+        """A context manager under which row k of the UNet's batch goes through this kind's adapter
+        row_handles[k] (BASE = none of this kind), or None when nothing of this kind is on the UNet."""
+        return None
 
     def trigger(self, params: dict) -> str | None:
         """The word a prompt must carry to use the adapter (None: it applies to every caption)."""
@@ -234,6 +242,11 @@ class LoraKind(AdapterKind):
     def text_adapter(self, handle, params):
         return handle if params.get("text_encoder", False) else BASE
 
+    def route(self, unet, row_handles, error):
+        if any(h != BASE for h in row_handles) or lora.lora_layers(unet):
+            return lora.route_rows(unet, row_handles, error=error)
+        return None
+
 
 class SoftPromptKind(AdapterKind):
     name, params, data, module = "soft-prompt", SoftPromptConfig, SoftPrompt, soft_prompt
@@ -326,7 +339,96 @@ class SoftPromptKind(AdapterKind):
         return f"{handle} {caption}"  # the placeholder prefixes the caption
 
 
-KINDS: dict[str, AdapterKind] = {k.name: k for k in (LoraKind(), SoftPromptKind())}
+DEEP_PROMPT_USE = "prompt_cdm.adapters.deep_prompt.install"
+
+
+class DeepPromptKind(AdapterKind):
+    """m learned tokens per cross-attention layer of the UNet (deep_prompt.py); the text encoder is untouched."""
+
+    name, params, data, module = "deep-prompt", DeepPromptConfig, DeepPrompt, deep_prompt
+    title, hub_tag, diffusers_file = "deep prompt", "deep_prompt", "adapter_model.safetensors"
+    diffusers_note = f"also what `{DEEP_PROMPT_USE}(pipe.unet, folder)` reads (a diffusers attention processor)"
+    train_section = "deep_prompt"
+
+    def start_training(self, pipe, section, source_id, generator):
+        config = section.adapter_config()
+        deep_prompt.check_name(source_id)
+        if source_id in deep_prompt.names(pipe):
+            raise AdapterError(f"the pipeline already has a deep prompt named {source_id!r}; train on the bare "
+                               "backbone")
+        fresh = deep_prompt.create(pipe, config, generator=generator)
+        dev = pipe.unet.device
+        # float32 trainable tensors on the UNet's device; the processor casts them to the activations' dtype
+        trainable = {k: torch.nn.Parameter(v.to(dev, torch.float32)) for k, v in fresh.tensors.items()}
+        deep_prompt.apply(pipe, DeepPrompt(config, trainable), source_id)  # active: every row
+        params = {k.replace(".", "__"): p for k, p in trainable.items()}
+        # a dropped caption keeps the prompts: the source's prompts on the empty caption (its own uncond row)
+        return Training(source_id, params, lambda caption: caption, "", True, section.weight_decay,
+                        lambda: deep_prompt.read_back(pipe, source_id, config),
+                        lambda: deep_prompt.remove(pipe, source_id))
+
+    def caches_text(self, section):
+        return True  # the text encoder is frozen: caption states are cached
+
+    def apply(self, pipe, params, tensors, name):
+        dp = DeepPrompt(params, tensors)
+        deep_prompt.apply(pipe, dp, name)
+        return name
+
+    def state(self, adapter):
+        return {k: v.detach().to(torch.float32).cpu() for k, v in adapter.tensors.items()}
+
+    def export(self, folder, adapter):
+        pass  # no diffusers format exists: plain diffusers reads adapter_model.safetensors through `install`
+
+    def check_weights(self, params, weights, others, label):
+        suffixes = deep_prompt._SUFFIX[params.mode]
+        for key, (dtype, shape) in weights.items():
+            if not key.startswith(deep_prompt.PREFIX) or key.rsplit(".", 1)[-1] not in suffixes:
+                raise AdapterError(f"{label}: tensor {key!r} is not a {params.mode}-mode deep-prompt key "
+                                   f"({deep_prompt.PREFIX}<layer>.{'|'.join(suffixes)}); re-save the adapter")
+            if dtype not in _FLOAT_DTYPES or len(shape) != 3:
+                raise AdapterError(f"{label}: tensor {key!r} is {dtype} {shape}, expected floating point "
+                                   "[timestep_buckets x num_tokens x width]; re-save the adapter")
+            if shape[0] != params.timestep_buckets:
+                raise AdapterError(f"{label}: tensor {key!r} holds {shape[0]} timestep buckets, the config says "
+                                   f"timestep_buckets = {params.timestep_buckets}; fix adapter_config.json or "
+                                   "re-save the adapter")
+            if shape[1] != params.num_tokens:
+                raise AdapterError(f"{label}: tensor {key!r} holds {shape[1]} tokens, the config says num_tokens = "
+                                   f"{params.num_tokens}; fix adapter_config.json or re-save the adapter")
+        if not weights:
+            raise AdapterError(f"{label}: no deep-prompt tensors; re-save the adapter")
+
+    def check_backbone(self, params, weights, backbone, label):
+        try:
+            deep_prompt.compare_shapes(deep_prompt.expected_shapes(deep_prompt.widths_from_table(backbone), params),
+                                       {k: v[1] for k, v in weights.items()})
+        except AdapterError as e:
+            raise AdapterError(f"{label}: {e} (backbone {backbone.get('name', 'of this registry')})") from None
+
+    def route(self, unet, row_handles, error):
+        if any(h != BASE for h in row_handles) or deep_prompt.bank(unet) is not None:
+            return deep_prompt.route_rows(unet, row_handles, error=error)
+        return None
+
+    def unet_adapter(self, handle):
+        return handle
+
+    def card_usage(self, params, example, folder_name):
+        how = ("appended to its text context, through the frozen key/value projections" if params["mode"] == "context"
+               else "as learned key/value prefixes")
+        t = (f"one set per timestep range ({params['timestep_buckets']} ranges)" if params["timestep_buckets"] > 1
+             else "the same at every timestep")
+        return {"ours_prompt": f'"{example}"',
+                "diffusers_load": f'from prompt_cdm.adapters.deep_prompt import install\n'
+                                  f'install(pipe.unet, "{folder_name}")',
+                "diffusers_prompt": f'"{example}"',
+                "detail": f"{params['num_tokens']} learned tokens in every cross-attention layer of the UNet, {how}; "
+                          f"{t}."}
+
+
+KINDS: dict[str, AdapterKind] = {k.name: k for k in (LoraKind(), SoftPromptKind(), DeepPromptKind())}
 
 
 def backbone_table(pipe) -> dict:
@@ -347,4 +449,4 @@ def kind_of(adapter) -> AdapterKind:
     for k in KINDS.values():
         if isinstance(adapter, k.data):
             return k
-    raise TypeError(f"save_adapter takes a SoftPrompt or a LoraAdapter, got {type(adapter).__name__}")
+    raise TypeError(f"save_adapter takes a SoftPrompt, a LoraAdapter or a DeepPrompt, got {type(adapter).__name__}")

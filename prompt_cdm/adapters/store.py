@@ -2,7 +2,9 @@
 
     adapter_config.json               kind, hyper-parameters, source id, data manifest hash,
                                       backbone fingerprint, training config, library version
-    adapter_model.safetensors         weights in our key format (soft_prompt.embeds | unet./text_encoder. LoRA keys)
+    adapter_model.safetensors         weights in our key format (soft_prompt.embeds | unet./text_encoder. LoRA keys |
+                                      deep_prompt.<layer>.tokens|key|value; the last also read by plain diffusers
+                                      through deep_prompt.install)
     learned_embeds.safetensors        soft prompts: {placeholder: [n x D]}, for pipe.load_textual_inversion
     pytorch_lora_weights.safetensors  LoRAs: diffusers keys + rank/alpha metadata, for pipe.load_lora_weights
     README.md                         model card: YAML front matter (Hub convention) + prose
@@ -56,9 +58,9 @@ _SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 class AdapterConfig:
     """adapter_config.json. Every key is required when reading: a file is refused, not guessed at."""
 
-    kind: str = field(metadata={"help": "soft-prompt | lora"})
+    kind: str = field(metadata={"help": "soft-prompt | lora | deep-prompt"})
     source_id: str = field(metadata={"help": "the data source this adapter was trained on (and only on)"})
-    params: dict = field(metadata={"help": "the kind's hyper-parameters (SoftPromptConfig | LoraAdapterConfig)"})
+    params: dict = field(metadata={"help": "the kind's hyper-parameters (SoftPromptConfig | LoraAdapterConfig | DeepPromptConfig)"})
     backbone_fingerprint: str = field(metadata={"help": "prompt_cdm.backbone.fingerprint of the frozen backbone"})
     base_model: str = field(default="", metadata={"help": "backbone name or hub id, for the model card"})
     data_hash: str = field(default="", metadata={"help": "hash of the source's data manifest"})
@@ -117,7 +119,9 @@ class LoadedAdapter:
 def _has_adapters(pipe) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if any(not t.special for t in pipe.tokenizer.added_tokens_decoder.values()):
+    from .deep_prompt import bank
+
+    if any(not t.special for t in pipe.tokenizer.added_tokens_decoder.values()) or bank(pipe.unet) is not None:
         return True
     return any(isinstance(m, BaseTunerLayer) for c in ("unet", "text_encoder") for m in getattr(pipe, c).modules())
 

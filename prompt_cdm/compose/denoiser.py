@@ -13,8 +13,10 @@ Each step stacks the rows of every image into one batch and calls the UNet once:
 
 A LoRA source's rows go through its own peft adapter and every other row through none, by peft's
 mixed-adapter batch (`LoraLayer._mixed_batch_forward`, routed by `adapter_names`, see `route_rows`);
-a soft-prompt source differs only in its rows' text embedding (its placeholder prefixes the
-caption). LoRA and soft-prompt sources mix in one batch. Sparse routing (`sparse_eps > 0`) drops a
+a deep-prompt source's rows attend to its tokens in every cross-attention layer and every other row to
+none (`deep_prompt.route_rows`); a soft-prompt source differs only in its rows' text embedding (its
+placeholder prefixes the caption). Each kind on the UNet routes the rows of a pass (`AdapterKind.route`),
+so LoRA, deep-prompt and soft-prompt sources mix in one batch. Sparse routing (`sparse_eps > 0`) drops a
 source's rows once its weight falls below eps after the warm-up, so rows per step fall from
 N (n + 1) towards 2N. Per-step weights leave through `callback(step, t, MixOutput)` (e.g. an
 `attribution.TraceRecorder`). The weights come from any estimator (`estimators.get_estimator`).
@@ -24,6 +26,7 @@ weights / active [N x n]; text embeddings [N x L x D].
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -49,7 +52,7 @@ PLAIN = "backbone"  # the trace name of the plain backbone as a source
 class ComposedSource:
     """One composed source: its id, adapter kind and its handle on the pipeline.
 
-    handle: the peft adapter name of a LoRA, the placeholder of a soft prompt.
+    handle: the peft adapter name of a LoRA, the placeholder of a soft prompt, the bank name of a deep prompt.
     text_lora: the LoRA also adapts the text encoder (its rows' prompts are encoded through it).
     """
 
@@ -262,25 +265,25 @@ class ComposedDenoiser:
     # -- one step ---------------------------------------------------------------------------------
 
     def _rows(self, x: torch.Tensor, active: torch.Tensor, guided: bool):
-        """Stack the batch: (latents [R x ...], embeddings [R x L x D], adapter names [R]) and where
-        each block of rows goes back."""
+        """Stack the batch: (latents [R x ...], embeddings [R x L x D], owners [R]: the source index of each
+        row, -1 for the frozen backbone's shared unconditional row) and where each block of rows goes back."""
         N = self.batch
         pairs = active.t().nonzero().tolist()  # [(source i, image j)], grouped by source
         idx_i = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=x.device)
         idx_j = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=x.device)
-        xs, embs, names = [], [], []
+        xs, embs, owners = [], [], []
         if guided and self.uncond == "shared":
             xs.append(x)
             embs.append(self._uncond_shared.expand(N, -1, -1))
-            names += [BASE] * N
+            owners += [-1] * N
         elif guided:
             xs.append(x[idx_j])
             embs.append(self._uncond_source[idx_i])
-            names += [self.sources[i].unet_adapter for i, _ in pairs]
+            owners += [i for i, _ in pairs]
         xs.append(x[idx_j])
         embs.append(self._cond[idx_i, idx_j])
-        names += [self.sources[i].unet_adapter for i, _ in pairs]
-        return torch.cat(xs), torch.cat(embs).to(x.dtype), names, idx_i, idx_j
+        owners += [i for i, _ in pairs]
+        return torch.cat(xs), torch.cat(embs).to(x.dtype), owners, idx_i, idx_j
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -299,8 +302,8 @@ class ComposedDenoiser:
 
         guided = self.guidance_scale != 1.0  # g == 1 needs no unconditional rows
         active = self._active.to(x.device)
-        xs, embs, names, idx_i, idx_j = self._rows(x, active, guided)
-        out = self._unet(xs, t, embs, names)
+        xs, embs, owners, idx_i, idx_j = self._rows(x, active, guided)
+        out = self._unet(xs, t, embs, owners)
 
         n, N, m = self.n, self.batch, len(idx_i)
         _check_finite(out, self.sources, idx_i, step)
@@ -315,9 +318,9 @@ class ComposedDenoiser:
         extra = {"context": self._context} if self.router_context else {}
         mixed = mix_step(est, x, eps_u, eps_rows, self.guidance_scale, active,
                          sparse_eps=self.sparse_eps, warmup_frac=self.warmup_frac, **extra)
-        self.last = StepRecord(x, eps_u, eps_rows, active, mixed, len(names))
+        self.last = StepRecord(x, eps_u, eps_rows, active, mixed, len(owners))
         self._observed = False
-        self.rows_per_step.append(len(names))
+        self.rows_per_step.append(len(owners))
         self._active = mixed.active
         self._step += 1
         if not torch.isfinite(mixed.eps).all():
@@ -327,20 +330,32 @@ class ComposedDenoiser:
             self.callback(step, t, mixed)
         return mixed.eps
 
-    def _unet(self, xs: torch.Tensor, t, embs: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _routing(self, owners: list[int]) -> ExitStack:
+        """The routing of one pass: every adapter kind on the UNet routes these rows (row k: source owners[k],
+        -1 = the frozen backbone) -- LoRA rows through their peft adapter, deep-prompt rows through their
+        tokens, every other row through none of that kind."""
+        stack = ExitStack()
+        if self._plain:
+            return stack
+        unet = self.pipe.unet
+        for kind in ADAPTER_KINDS.values():
+            handles = [self.sources[o].unet_adapter if o >= 0 and self.sources[o].kind == kind.name else BASE
+                       for o in owners]
+            ctx = kind.route(unet, handles, ComposeError)
+            if ctx is not None:
+                stack.enter_context(ctx)
+        return stack
+
+    def _unet(self, xs: torch.Tensor, t, embs: torch.Tensor, owners: list[int]) -> torch.Tensor:
         """The UNet on the stacked rows, each routed to its adapter, in passes of at most the row budget."""
         unet = self.pipe.unet
-        routed = not self._plain and (any(nm != BASE for nm in names) or lora_layers(unet))
         if self._budget is None and xs.device.type == "cuda":
             self._budget = auto_max_rows(unet, xs[:1], t, embs[:1])
-        step = self._budget or len(names)
+        step = self._budget or len(owners)
         outs = []
-        for s in range(0, len(names), step):
+        for s in range(0, len(owners), step):
             x, e = xs[s: s + step], embs[s: s + step]
-            if routed:
-                with route_rows(unet, names[s: s + step]):
-                    outs.append(unet(x, t, encoder_hidden_states=e).sample)
-            else:
+            with self._routing(owners[s: s + step]):  # the pass's slice of rows
                 outs.append(unet(x, t, encoder_hidden_states=e).sample)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

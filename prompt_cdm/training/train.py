@@ -1,4 +1,4 @@
-"""One source's adapter (soft prompt or LoRA) trained on the frozen backbone; resumable and deterministic.
+"""One source's adapter (soft prompt, LoRA or deep prompt) trained on the frozen backbone; resumable and deterministic.
 
     prompt-cdm train --backbone tiny --source data/stars --kind lora --out adapters/stars
     prompt-cdm train --backbone tiny --source data/a --source data/b --out adapters/paragon   # the paragon
@@ -22,7 +22,8 @@ then deletes everything derived from the source's data (forgetting stays exact).
 Caption dropout defaults to 0: the composition's classifier-free guidance uses the frozen
 backbone's unconditional row (DESIGN.md section 2), so an adapter's own unconditional prediction is
 never used by default. Set `caption_dropout = 0.1` for the per-source-unconditional comparison: a
-dropped LoRA caption becomes "", a dropped soft-prompt caption becomes the bare placeholder.
+dropped LoRA or deep-prompt caption becomes "" (a deep prompt keeps its tokens: the source's prompts on the
+empty caption), a dropped soft-prompt caption becomes the bare placeholder.
 No horizontal flips: captions say "left" and "right".
 """
 from __future__ import annotations
@@ -111,10 +112,36 @@ class SoftPromptTrain:
 
 
 @dataclass
+class DeepPromptTrain:
+    """Deep-prompt hyper-parameters (adapters.deep_prompt): m tokens per cross-attention layer of the UNet."""
+
+    num_tokens: int = field(default=8, metadata={"help": "learned tokens per cross-attention layer"})
+    # kv: on the validation domain (checkered) its loss fell 0.63 -> 0.36 in 200 steps, context's 0.70 -> 0.64 in
+    # 400 (docs/results.md, "Deep prompts"); context stays an option
+    mode: str = field(default="kv", metadata={"help": "kv (learned key/value prefixes) | context (through W_k, W_v)"})
+    timestep_buckets: int = field(default=1, metadata={"help": "prompts per timestep range (1 = one for all t)"})
+    lr: float = field(default=2e-2, metadata={"help": "AdamW learning rate"})  # the kv run of that comparison
+    # no decay: the tokens start at the frozen encoder's states, decay would pull them towards 0 (off-distribution)
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"deep_prompt.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"deep_prompt.weight_decay must be >= 0, got {self.weight_decay}")
+        self.adapter_config()  # validates num_tokens/mode/timestep_buckets
+
+    def adapter_config(self):
+        from ..adapters.deep_prompt import DeepPromptConfig
+
+        return DeepPromptConfig(num_tokens=self.num_tokens, mode=self.mode, timestep_buckets=self.timestep_buckets)
+
+
+@dataclass
 class TrainConfig:
     """One adapter's training run. Defaults = recipes/adapter_train.toml (a few minutes per source on 2 cores)."""
 
-    kind: str = field(default="lora", metadata={"help": "adapter kind (adapters.kinds.KINDS): lora | soft-prompt"})
+    kind: str = field(default="lora", metadata={"help": "adapter kind (adapters.kinds.KINDS): lora | soft-prompt | deep-prompt"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "images per step"})
     seed: int = field(default=0, metadata={"help": "seeds init, batches, noise, timesteps"})
@@ -137,6 +164,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing"})
     lora: LoraTrain = field(default_factory=LoraTrain)
     soft_prompt: SoftPromptTrain = field(default_factory=SoftPromptTrain)
+    deep_prompt: DeepPromptTrain = field(default_factory=DeepPromptTrain)
 
     def __post_init__(self):
         self.sample_prompts = tuple(self.sample_prompts)
@@ -144,6 +172,8 @@ class TrainConfig:
             self.lora = LoraTrain(**self.lora)
         if isinstance(self.soft_prompt, dict):
             self.soft_prompt = SoftPromptTrain(**self.soft_prompt)
+        if isinstance(self.deep_prompt, dict):
+            self.deep_prompt = DeepPromptTrain(**self.deep_prompt)
         from ..adapters.kinds import KINDS
 
         if self.kind not in KINDS:
