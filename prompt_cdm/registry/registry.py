@@ -82,8 +82,19 @@ def _is_temp(p: Path) -> bool:
 
 
 def _rmtree(path: Path) -> None:
+    """Delete a file or folder. A folder is first renamed to a temp name (atomic), so a kill during the
+    deletion leaves a temp folder the next writer removes (`_clean_temps`), never half a folder that still
+    looks like a source, a cache or a router. A deletion that fails (an error, not a kill) puts what is
+    left back under its name, for `verify` to name and a rerun to finish."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        doomed = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.replace(path, doomed)  # replaces the empty temp folder
+        try:
+            shutil.rmtree(doomed)
+        except BaseException:
+            if doomed.exists():
+                os.replace(doomed, path)
+            raise
     elif path.exists() or path.is_symlink():
         path.unlink()
 
