@@ -1,4 +1,18 @@
 """Shared test helpers (importable: tests/ is on sys.path under pytest's rootdir conftest)."""
+from contextlib import contextmanager
+
+
+@contextmanager
+def default_device_trap():
+    """Torch's default device is `meta` inside the block while the models stay where they are: a tensor made
+    without naming its device lands on meta and fails when it meets real data (tests/compose/test_device.py)."""
+    import torch
+
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
 
 
 def have_tiny_weights() -> bool:

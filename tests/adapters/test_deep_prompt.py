@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from prompt_cdm.adapters import (AdapterError, DeepPrompt, DeepPromptConfig, LoraAdapter, LoraAdapterConfig,
                                  SoftPromptConfig, load_adapter, lora, save_adapter, soft_prompt)
+from helpers import default_device_trap
 from prompt_cdm.adapters import deep_prompt as dp
 from prompt_cdm.adapters.kinds import backbone_table
 from prompt_cdm.adapters.validate import check_adapter_folder
@@ -63,16 +63,6 @@ def handles(pipe, folders):
     yield hs
     for h in reversed(list(hs.values())):
         h.remove()
-
-
-@contextmanager
-def default_device_trap():
-    """tests/compose/test_device.py's trap: a tensor made without naming the model's device lands on meta."""
-    torch.set_default_device("meta")
-    try:
-        yield
-    finally:
-        torch.set_default_device(None)
 
 
 def _scheduler(pipe, steps=STEPS):

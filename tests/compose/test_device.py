@@ -10,21 +10,10 @@ GPU names the device (the model's, or "cpu" for a CPU generator's draw that is t
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
-from helpers import save_random_adapters
-
-
-@contextmanager
-def default_device_trap():
-    torch.set_default_device("meta")
-    try:
-        yield
-    finally:
-        torch.set_default_device(None)
+from helpers import default_device_trap, save_random_adapters
 
 
 def test_the_trap_catches_a_tensor_made_off_the_models_device(pipe):
