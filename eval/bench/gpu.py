@@ -9,8 +9,9 @@
 (b) composition, n = 1, 2, 4, 8, 16 LoRA sources, one image: seconds per step of the batched pass (shared
     unconditional row, n + 1 rows; per-source, 2n rows) vs n sequential single-adapter passes (2 rows
     each), and the peak memory of the per-source step;
-(c) LoRA row routing: 2 x 16 rows spread over n = 1, 8, 16 adapters, peft's mixed batch and the gathered
-    path (`adapters.lora.route_rows(method=...)`), each against the bare UNet on the same rows;
+(c) LoRA row routing: 32 rows spread over n = 1, 8, 16 adapters, interleaved and grouped by adapter; peft's
+    mixed batch, the gathered and the segmented path (`adapters.lora.route_rows(method=...)`), each against
+    the bare UNet on the same rows;
 (d) training steps/s, the cached loop (`train_adapter`) vs the naive loop (VAE + text encoder every step).
 Ratios from one run; the command is printed with the tables (and written with --out DIR as results.json
 and results.md).
@@ -163,9 +164,14 @@ def composition(pipe, sources: list, ns: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+ROUTING_METHODS = ("peft", "gather", "segments")
+
+
 def routing(pipe, bare_unet, sources: list, ns: list[int], repeats: int, rows: int = 32) -> list[dict]:
-    """(c) routed UNet passes (peft / gather) over `rows` rows vs `bare_unet` (a copy of the UNet made before
-    any adapter was injected) on the same rows, timed in turns so that a busy machine slows all three alike."""
+    """(c) routed UNet passes (peft / gather / segments) over `rows` rows vs `bare_unet` (a copy of the UNet made
+    before any adapter was injected) on the same rows, timed in turns so that a busy machine slows all alike.
+    Two layouts: rows interleaved over the adapters (row k: adapter k mod n, a server's mixed batch) and
+    grouped by adapter (a composition's stacking)."""
     from prompt_cdm.adapters import lora
 
     device, dtype = pipe.unet.device, pipe.unet.dtype
@@ -176,28 +182,32 @@ def routing(pipe, bare_unet, sources: list, ns: list[int], repeats: int, rows: i
     t = torch.tensor(500, device=device)
     out = []
     for n in ns:
-        names = [sources[k % n].handle for k in range(rows)]
+        for layout in ("interleaved", "grouped"):
+            if n == 1 and layout == "grouped":
+                continue  # one adapter: the two layouts are the same rows
+            pick = (lambda k: k % n) if layout == "interleaved" else (lambda k: k * n // rows)
+            names = [sources[pick(k)].handle for k in range(rows)]
 
-        def bare():
-            with torch.no_grad():
-                bare_unet(x, t, encoder_hidden_states=e)
+            def bare():
+                with torch.no_grad():
+                    bare_unet(x, t, encoder_hidden_states=e)
 
-        def routed(method):
-            def call():
-                with torch.no_grad(), lora.route_rows(pipe.unet, names, method=method):
-                    pipe.unet(x, t, encoder_hidden_states=e)
-            return call
+            def routed(method, names=names):
+                def call():
+                    with torch.no_grad(), lora.route_rows(pipe.unet, names, method=method):
+                        pipe.unet(x, t, encoder_hidden_states=e)
+                return call
 
-        calls = {"bare": bare, "peft": routed("peft"), "gather": routed("gather")}
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        for _ in range(repeats):
-            for k, fn in calls.items():
-                times[k].append(_timed(fn, device, 1))
-        res = {"n": n, "rows": rows, **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
-        for method in ("peft", "gather"):
-            res[f"{method}_overhead"] = res[f"{method}_s"] / res["bare_s"] - 1
-        out.append(res)
-        print(json.dumps(res), flush=True)
+            calls = {"bare": bare, **{m: routed(m) for m in ROUTING_METHODS}}
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(repeats):
+                for k, fn in calls.items():
+                    times[k].append(_timed(fn, device, 1))
+            res = {"n": n, "rows": rows, "layout": layout, **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
+            for method in ROUTING_METHODS:
+                res[f"{method}_overhead"] = res[f"{method}_s"] / res["bare_s"] - 1
+            out.append(res)
+            print(json.dumps(res), flush=True)
     return out
 
 
@@ -218,29 +228,37 @@ def training(pipe, steps: int, root: Path, n_images: int = 16) -> dict:
 
 
 def table(res: dict) -> str:
-    a, lines = res["one_adapter"], [f"command: `{res['command']}`", "", f"device: {res['device']}, dtype "
-                                    f"{res['dtype']}, backbone {res['backbone']} at {res['size']} px", ""]
-    lines += ["(a) one adapter, seconds per image", "", "| ours | diffusers | ratio | max pixel diff |",
-              "|---|---|---|---|",
-              f"| {a['ours_s']:.3f} | {a['diffusers_s']:.3f} | {a['ratio']:.3f} | {a['max_pixel_diff']:.2e} |", ""]
-    lines += ["(b) composition, seconds per step", "",
-              "| n | batched shared | batched per-source | n sequential | speed-up shared | speed-up per-source "
-              "| peak MB per-source |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['n']} | {r['shared_s']:.3f} | {r['per_source_s']:.3f} | {r['sequential_s']:.3f} | "
-              f"{r['speedup_shared']:.2f}x | {r['speedup_per_source']:.2f}x | {r['peak_mb_per_source']:.0f} |"
-              for r in res["composition"]]
-    lines += ["", "(c) LoRA routing over the bare UNet on the same rows", "",
-              "| n | rows | bare s | peft s | peft overhead | gather s | gather overhead |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['n']} | {r['rows']} | {r['bare_s']:.3f} | {r['peft_s']:.3f} | {100 * r['peft_overhead']:.0f}% | "
-              f"{r['gather_s']:.3f} | {100 * r['gather_overhead']:.0f}% |" for r in res["routing"]]
+    """The measured tables of `res` as markdown (a table not measured is left out)."""
+    lines = [f"command: `{res['command']}`", "", f"device: {res['device']}, dtype {res['dtype']}, backbone "
+             f"{res['backbone']} at {res['size']} px", ""]
+    if res.get("one_adapter"):
+        a = res["one_adapter"]
+        lines += ["(a) one adapter, seconds per image", "", "| ours | diffusers | ratio | max pixel diff |",
+                  "|---|---|---|---|",
+                  f"| {a['ours_s']:.3f} | {a['diffusers_s']:.3f} | {a['ratio']:.3f} | {a['max_pixel_diff']:.2e} |", ""]
+    if res.get("composition"):
+        lines += ["(b) composition, seconds per step", "",
+                  "| n | batched shared | batched per-source | n sequential | speed-up shared | speed-up per-source "
+                  "| peak MB per-source |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['n']} | {r['shared_s']:.3f} | {r['per_source_s']:.3f} | {r['sequential_s']:.3f} | "
+                  f"{r['speedup_shared']:.2f}x | {r['speedup_per_source']:.2f}x | {r['peak_mb_per_source']:.0f} |"
+                  for r in res["composition"]]
+        lines += [""]
+    if res.get("routing"):
+        lines += ["(c) LoRA routing over the bare UNet on the same rows", "",
+                  "| n | rows | layout | bare s | " + " | ".join(f"{m} s | {m} overhead" for m in ROUTING_METHODS)
+                  + " |", "|---|---|---|---|" + "---|---|" * len(ROUTING_METHODS)]
+        lines += [f"| {r['n']} | {r['rows']} | {r.get('layout', 'interleaved')} | {r['bare_s']:.3f} | "
+                  + " | ".join(f"{r[m + '_s']:.3f} | {100 * r[m + '_overhead']:.0f}%" if m + "_s" in r else "- | -"
+                               for m in ROUTING_METHODS) + " |" for r in res["routing"]]
+        lines += [""]
     if res.get("training"):
         t = res["training"]
-        lines += ["", "(d) LoRA training", "", "| cached steps/s | naive steps/s | speed-up | cache build s |",
+        lines += ["(d) LoRA training", "", "| cached steps/s | naive steps/s | speed-up | cache build s |",
                   "|---|---|---|---|",
                   f"| {t['cached_steps_per_s']:.2f} | {t['naive_steps_per_s']:.2f} | {t['speedup']:.2f}x | "
                   f"{t['cache_build_s']:.1f} |"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -256,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-steps", type=int, default=20, help="training steps of (d); 0 = skip (d)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    p.add_argument("--tables", default="a,b,c,d", help="which of the tables a, b, c, d to measure")
     p.add_argument("--out", default=None, help="write results.json and results.md here")
     a = p.parse_args(argv)
     from prompt_cdm.backbone.placement import Placement
@@ -270,21 +289,28 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = backbone(name, size, a.device, a.dtype)
     res = {"command": cmd, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "backbone": name,
            "size": size, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    tables = set(a.tables.split(","))
+    if tables - set("abcd"):
+        p.error(f"--tables takes a, b, c, d; got {a.tables}")
     with tempfile.TemporaryDirectory() as tmp:
-        res["one_adapter"] = one_adapter(pipe, a.steps, a.repeats, Path(tmp))
-        print(json.dumps(res["one_adapter"]), flush=True)
-        import copy
+        if "a" in tables:
+            res["one_adapter"] = one_adapter(pipe, a.steps, a.repeats, Path(tmp))
+            print(json.dumps(res["one_adapter"]), flush=True)
+        if tables & {"b", "c"}:
+            import copy
 
-        bare = copy.deepcopy(pipe.unet)  # the UNet before any adapter, for (c)
-        sources = _random_sources(pipe, max(ns + rns))
-        res["composition"] = composition(pipe, sources, ns, a.repeats)
-        res["routing"] = routing(pipe, bare, sources, rns, a.repeats)
-        del bare
-        from prompt_cdm.adapters import lora
+            bare = copy.deepcopy(pipe.unet)  # the UNet before any adapter, for (c)
+            sources = _random_sources(pipe, max(ns + rns))
+            if "b" in tables:
+                res["composition"] = composition(pipe, sources, ns, a.repeats)
+            if "c" in tables:
+                res["routing"] = routing(pipe, bare, sources, rns, a.repeats)
+            del bare
+            from prompt_cdm.adapters import lora
 
-        for s in sources:
-            lora.remove(pipe, s.handle)
-        if a.train_steps:
+            for s in sources:
+                lora.remove(pipe, s.handle)
+        if a.train_steps and "d" in tables:
             res["training"] = training(pipe, a.train_steps, Path(tmp))
     text = table(res)
     print(text)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-KINDS = ("lora", "soft-prompt")  # the kinds the bench compares by default (prompt_cdm.adapters.kinds.KINDS)
+KINDS = ("lora", "soft-prompt", "deep-prompt")  # the kinds the bench compares by default (prompt_cdm.adapters.kinds.KINDS)
 PATHS = ("cached", "naive")
 
 

@@ -398,7 +398,7 @@ def lora_layers(model) -> list:
     return layers
 
 
-ROUTING = ("gather", "peft")
+ROUTING = ("auto", "segments", "gather", "peft")
 
 
 def _gather_stacks(m, adapters: tuple[str, ...]):
@@ -426,25 +426,66 @@ def _gather_stacks(m, adapters: tuple[str, ...]):
     return stacks
 
 
+def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
+    """index [R] -> its contiguous runs (start, end, adapter k)."""
+    v = index.tolist()
+    out, start = [], 0
+    for r in range(1, len(v) + 1):
+        if r == len(v) or v[r] != v[start]:
+            out.append((start, r, v[start]))
+            start = r
+    return out
+
+
+def grouped(index: torch.Tensor) -> bool:
+    """Whether the rows come in few contiguous runs: at most two per distinct label (a composition's
+    unconditional and conditional blocks, each grouped by source) -- the layout the segmented path suits."""
+    return len(_runs(index)) <= 2 * len(set(index.tolist()))
+
+
+def _lora_delta(m, name: str, x: torch.Tensor) -> torch.Tensor:
+    a, b = m.lora_A[name].weight, m.lora_B[name].weight
+    return torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b) * m.scaling[name]
+
+
+def _segmented_forward(m, index: torch.Tensor, adapters: tuple[str, ...]):
+    """LoRA layer `m`'s forward with rows in contiguous runs: each run's slice through its own adapter's A and B
+    (two matrix products per run, no gather, no masked copy); a run of no adapter, or of an adapter this layer
+    lacks, is the base layer's output as it is. Uses the live weights, so it also trains."""
+    runs = [(s, e, adapters[k - 1]) for s, e, k in _runs(index) if k and adapters[k - 1] in m.lora_A]
+    rows = index.shape[0]
+
+    def forward(x, *args, **kwargs):
+        result = m.base_layer(x, *args, **kwargs)
+        if x.shape[0] != rows:
+            raise LoraError(f"a routed batch has {x.shape[0]} rows but {rows} adapter names")
+        if not runs:
+            return result
+        if len(runs) == 1 and runs[0][:2] == (0, rows):
+            return result + _lora_delta(m, runs[0][2], x).to(result.dtype)
+        parts, at = [], 0
+        for s, e, name in runs:
+            if s > at:
+                parts.append(result[at:s])
+            parts.append(result[s:e] + _lora_delta(m, name, x[s:e]).to(result.dtype))
+            at = e
+        if at < rows:
+            parts.append(result[at:])
+        return torch.cat(parts)
+
+    return forward
+
+
 def _gathered_forward(m, index: torch.Tensor, adapters: tuple[str, ...]):
     """LoRA layer `m`'s forward with row k through adapter index[k] (0 = none): each row's A and B gathered,
     two batched matrix products for the whole batch (the Punica / S-LoRA idea) instead of peft's loop
     over adapters with masked copies. Equal to peft's mixed batch for plain LoRA (tested to 1e-5)."""
-    uniform = bool((index == index[0]).all())  # every row one adapter (one source): no gather at all
-    k = int(index[0])
     cached: dict = {}
 
     def forward(x, *args, **kwargs):
         result = m.base_layer(x, *args, **kwargs)
         if x.shape[0] != index.shape[0]:
             raise LoraError(f"a routed batch has {x.shape[0]} rows but {index.shape[0]} adapter names")
-        if uniform:
-            if k == 0 or adapters[k - 1] not in m.lora_A:
-                return result
-            name = adapters[k - 1]
-            a, b = m.lora_A[name].weight, m.lora_B[name].weight
-            d = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b) * m.scaling[name]
-            return result + d.to(result.dtype)
         A, B, scale = _gather_stacks(m, adapters)
         if "idx" not in cached or cached["idx"].device != x.device:
             cached["idx"] = index.to(x.device)
@@ -459,15 +500,18 @@ def _gathered_forward(m, index: torch.Tensor, adapters: tuple[str, ...]):
 
 
 @contextmanager
-def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = None, method: str = "gather"):
+def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = None, method: str = "auto"):
     """Inside the block, row k of every forward batch goes through LoRA adapter adapter_names[k]
     ("__base__" = none) in every peft LoRA layer of `model`. diffusers has no public switch for this
     (`cross_attention_kwargs` does not route adapters).
 
-    method "gather" (default): each Linear LoRA layer gathers its rows' A and B and runs two batched matrix
-    products (`_gathered_forward`); layers it does not cover (convolutions, DoRA and other peft variants,
-    dropout in training mode) take peft's path. "peft": peft's mixed-batch forward
-    (`LoraLayer._mixed_batch_forward`, a loop over adapters with masked copies) everywhere.
+    method "auto" (default): "segments" when the rows come grouped (at most two contiguous runs per adapter,
+    as a composition stacks them: `grouped`), else "gather". "segments": each Linear LoRA layer runs every
+    contiguous run of rows through its adapter's A and B (`_segmented_forward`). "gather": each Linear LoRA
+    layer gathers its rows' A and B and runs two batched matrix products (`_gathered_forward`; for rows in any
+    order). Layers these do not cover (convolutions, DoRA and other peft variants, dropout in training mode)
+    take peft's path. "peft": peft's mixed-batch forward (`LoraLayer._mixed_batch_forward`, a loop over
+    adapters with masked copies) everywhere. All are equal to peft's mixed batch for plain LoRA (tests).
 
     Independent of peft's active-adapter state: an adapter not named for a row never touches it.
     Every batch the model's layers see inside the block must have len(adapter_names) rows. Raises
@@ -500,16 +544,17 @@ def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = Non
     adapters = tuple(sorted(wanted))
     position = {a: k for k, a in enumerate(adapters, start=1)}
     index = torch.tensor([position.get(n, 0) for n in names], dtype=torch.long, device="cpu")
+    segments = method == "segments" or (method == "auto" and grouped(index))
     hook = partial(_adapter_names_hook, adapter_names=names)
     handles, patched = [], []
     try:
         for m in layers:
             present = [a for a in adapters if a in m.lora_A]
-            plain = (method == "gather" and type(m) is LoraLinear and present
+            plain = (method != "peft" and type(m) is LoraLinear and present
                      and not any(a in m.lora_variant for a in present)  # DoRA & co: peft's own forward
                      and (not m.training or all(isinstance(m.lora_dropout[a], torch.nn.Identity) for a in present)))
             if plain:
-                m.forward = _gathered_forward(m, index, adapters)
+                m.forward = (_segmented_forward if segments else _gathered_forward)(m, index, adapters)
                 patched.append(m)
             else:
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))

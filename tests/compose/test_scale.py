@@ -195,40 +195,68 @@ def _random_loras(pipe, configs):
                    name)
 
 
-def test_gathered_routing_equals_peft_mixed_batch():
+@pytest.mark.parametrize("layout", ["interleaved", "grouped"])
+def test_routing_methods_equal_peft_mixed_batch(layout):
     """Ranks 2/4/8, a text-encoder LoRA, an adapter on to_q/to_v only (absent from other layers), rows without
-    adapter: the gathered path equals peft's mixed batch to 1e-5 on the UNet and the text encoder."""
+    adapter, in any order or grouped by adapter as a composition stacks them: the segmented, gathered and
+    automatic paths equal peft's mixed batch to 1e-5 on the UNet and the text encoder."""
     pipe = _tiny()
     _random_loras(pipe, {"r2": LoraAdapterConfig(rank=2, alpha=2.0),
                          "r4": LoraAdapterConfig(rank=4, alpha=8.0, text_encoder=True),
                          "r8qv": LoraAdapterConfig(rank=8, alpha=4.0, unet_targets=("to_q", "to_v"))})
-    names = ["r2", lora.BASE, "r4", "r8qv", "r4", "r2", lora.BASE, "r8qv"]
+    names = ["r2", lora.BASE, "r4", "r8qv", "r4", "r2", lora.BASE, "r8qv", "r2", "r4", lora.BASE, "r8qv"]
+    if layout == "grouped":  # a composition's unconditional block, then its conditional block
+        names = [lora.BASE, "r2", "r2", "r4", "r8qv", "r8qv", lora.BASE, "r2", "r2", "r4", "r8qv", "r8qv"]
+    methods = ("peft", "segments", "gather", "auto")
+    R = len(names)
     g = torch.Generator().manual_seed(0)
-    x, e = torch.randn(8, 4, 16, 16, generator=g), torch.randn(8, 77, 64, generator=g)
+    x, e = torch.randn(R, 4, 16, 16, generator=g), torch.randn(R, 77, 64, generator=g)
     t = torch.tensor(400)
-    ids = torch.randint(0, 1000, (8, 77), generator=g)
+    ids = torch.randint(0, 1000, (R, 77), generator=g)
     with torch.no_grad():
         outs = {}
-        for method in ("peft", "gather"):
+        for method in methods:
             with lora.route_rows(pipe.unet, names, method=method):
                 u = pipe.unet(x, t, encoder_hidden_states=e).sample
             with lora.route_rows(pipe.text_encoder, [n if n == "r4" else lora.BASE for n in names], method=method):
                 te = pipe.text_encoder(ids)[0]
             outs[method] = (u, te)
-        with lora.route_rows(pipe.unet, [lora.BASE] * 8):
+        with lora.route_rows(pipe.unet, [lora.BASE] * R):
             bare = pipe.unet(x, t, encoder_hidden_states=e).sample
-    for a, b in zip(outs["peft"], outs["gather"]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for method in methods[1:]:
+        for a, b in zip(outs["peft"], outs[method]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert (outs["peft"][0] - bare).abs().max() > 1e-3  # the adapters do act
-    with torch.no_grad():  # every row one adapter: the gathered path's no-gather shortcut
+    index = torch.tensor([0 if n == lora.BASE else 1 + sorted({"r2", "r4", "r8qv"}).index(n) for n in names])
+    assert lora.grouped(index) == (layout == "grouped")
+    with torch.no_grad():  # every row one adapter: one run, no slicing
         uni = {}
-        for method in ("peft", "gather"):
-            with lora.route_rows(pipe.unet, ["r8qv"] * 8, method=method):
+        for method in methods:
+            with lora.route_rows(pipe.unet, ["r8qv"] * R, method=method):
                 uni[method] = pipe.unet(x, t, encoder_hidden_states=e).sample
-    torch.testing.assert_close(uni["gather"], uni["peft"], rtol=1e-5, atol=1e-5)
+    for method in methods[1:]:
+        torch.testing.assert_close(uni[method], uni["peft"], rtol=1e-5, atol=1e-5)
     with pytest.raises(lora.LoraError, match="unknown LoRA routing"):
         with lora.route_rows(pipe.unet, names, method="punica"):
             pass
+
+
+def test_segmented_routing_trains_each_adapter_on_its_rows():
+    """The segmented path uses the live weights: a loss on the rows of r2 alone reaches r2's LoRA weights and
+    none of r4's."""
+    pipe = _tiny()
+    _random_loras(pipe, {"r2": LoraAdapterConfig(rank=2, alpha=2.0), "r4": LoraAdapterConfig(rank=4, alpha=4.0)})
+    for p in pipe.unet.parameters():
+        p.requires_grad_("lora_" in "".join(n for n, q in pipe.unet.named_parameters() if q is p))
+    names = ["r2", "r2", "r4", "r4"]
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 77, 64, generator=g)
+    with lora.route_rows(pipe.unet, names, method="segments"):
+        out = pipe.unet(x, torch.tensor(400), encoder_hidden_states=e).sample
+    out[:2].square().mean().backward()
+    grads = {n: p.grad for n, p in pipe.unet.named_parameters() if "lora_B" in n}
+    assert any(v is not None and v.abs().max() > 0 for n, v in grads.items() if ".r2." in n)
+    assert all(v is None or v.abs().max() == 0 for n, v in grads.items() if ".r4." in n)
 
 
 def test_compiled_unet_keeps_multi_lora_routing_exact(folders):
