@@ -159,9 +159,10 @@ def evaluate(adapters: str, data: str, out: str, domains: list[str] | None = Non
 
 
 def summarize(cells: dict, domains: list[str], routers) -> dict:
-    """Per router: mean over domains of TIFA, FID, true-source credit, top-1 and UNet rows per image."""
+    """Per router: mean over domains of TIFA, FID, true-source credit, top-1 and UNet rows per image -- `routers`
+    first, then those of earlier runs whose cells the folder holds."""
     out = {}
-    for r in ("own", *routers):
+    for r in dict.fromkeys(("own", *routers, *(k.split("/", 1)[0] for k in cells))):
         rows = [cells[f"{r}/{d}"] for d in domains if f"{r}/{d}" in cells]
         if not rows:
             continue

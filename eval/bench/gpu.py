@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=None, help="image size of sd15-shaped (default 512 on CUDA, 64 on the CPU)")
     p.add_argument("--ns", default="1,2,4,8,16", help="source counts of (b)")
     p.add_argument("--routing-ns", default="1,8,16", help="adapter counts of (c)")
+    p.add_argument("--routing-rows", type=int, default=32, help="UNet rows of each pass of (c)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps of (a)")
     p.add_argument("--train-steps", type=int, default=20, help="training steps of (d); 0 = skip (d)")
     p.add_argument("--repeats", type=int, default=3)
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
             if "b" in tables:
                 res["composition"] = composition(pipe, sources, ns, a.repeats)
             if "c" in tables:
-                res["routing"] = routing(pipe, bare, sources, rns, a.repeats)
+                res["routing"] = routing(pipe, bare, sources, rns, a.repeats, a.routing_rows)
             del bare
             from prompt_cdm.adapters import lora
 

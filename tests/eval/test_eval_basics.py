@@ -50,3 +50,16 @@ def test_score_world_on_the_renders_themselves_reads_what_was_drawn():
         for o in e.spec.objects:
             shapes[o.shape] = shapes.get(o.shape, 0) + 1
     assert res["read"]["shape"] == dict(sorted(shapes.items()))
+
+
+def test_composition_summary_keeps_the_routers_of_earlier_runs():
+    """A second `eval.composition_quality` run on the same folder adds routers: the summary covers every router
+    whose cells the folder holds, this run's first, means over the domains it has."""
+    from eval.composition_quality import summarize
+
+    cell = lambda s, f: {"score": s, "fid_judge": f, "seconds": 1.0}  # noqa: E731
+    cells = {"own/a": cell(0.5, 10.0), "old/a": cell(0.2, 30.0), "old/b": cell(0.4, 50.0), "new/a": cell(0.6, 20.0)}
+    out = summarize(cells, ["a", "b"], ["new"])
+    assert list(out) == ["own", "new", "old"]
+    assert abs(out["old"]["score"] - 0.3) < 1e-12
+    assert out["old"]["fid_judge"] == 40.0 and out["old"]["domains"] == 2 and out["new"]["domains"] == 1
