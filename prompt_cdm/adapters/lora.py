@@ -398,7 +398,7 @@ def lora_layers(model) -> list:
     return layers
 
 
-ROUTING = ("auto", "segments", "gather", "peft")
+ROUTING = ("gather", "segments", "peft")
 
 
 def _gather_stacks(m, adapters: tuple[str, ...]):
@@ -437,61 +437,54 @@ def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
-def grouped(index: torch.Tensor) -> bool:
-    """Whether the rows come in few contiguous runs: at most two per distinct label (a composition's
-    unconditional and conditional blocks, each grouped by source) -- the layout the segmented path suits."""
-    return len(_runs(index)) <= 2 * len(set(index.tolist()))
-
-
 def _lora_delta(m, name: str, x: torch.Tensor) -> torch.Tensor:
     a, b = m.lora_A[name].weight, m.lora_B[name].weight
     return torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b) * m.scaling[name]
 
 
-def _segmented_forward(m, index: torch.Tensor, adapters: tuple[str, ...]):
-    """LoRA layer `m`'s forward with rows in contiguous runs: each run's slice through its own adapter's A and B
-    (two matrix products per run, no gather, no masked copy); a run of no adapter, or of an adapter this layer
-    lacks, is the base layer's output as it is. Uses the live weights, so it also trains."""
+def _segmented(m, runs: list[tuple[int, int, str]], x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """`result` (the base layer's output) plus each contiguous run's slice through its own adapter's A and B:
+    two matrix products per run, no gather, no masked copy, on the live weights (so gradients reach them)."""
+    if not runs:
+        return result
+    if len(runs) == 1 and runs[0][:2] == (0, x.shape[0]):
+        return result + _lora_delta(m, runs[0][2], x).to(result.dtype)
+    parts, at = [], 0
+    for s, e, name in runs:
+        if s > at:
+            parts.append(result[at:s])
+        parts.append(result[s:e] + _lora_delta(m, name, x[s:e]).to(result.dtype))
+        at = e
+    if at < x.shape[0]:
+        parts.append(result[at:])
+    return torch.cat(parts)
+
+
+def _routed_forward(m, index: torch.Tensor, adapters: tuple[str, ...], method: str):
+    """LoRA layer `m`'s forward with row k through adapter index[k] (0 = none).
+
+    "gather": each row's A and B gathered, two batched matrix products for the whole batch (the Punica / S-LoRA
+    idea) instead of peft's loop over adapters with masked copies; when every row takes one adapter (one run)
+    or gradients must reach the LoRA weights (the gathered stacks are detached copies), the segmented
+    computation instead. "segments": always the segmented computation (`_segmented`), a pair of matrix products
+    per contiguous run of rows. Both equal peft's mixed batch for plain LoRA (tested to 1e-5)."""
     runs = [(s, e, adapters[k - 1]) for s, e, k in _runs(index) if k and adapters[k - 1] in m.lora_A]
+    one_run = len(_runs(index)) == 1
     rows = index.shape[0]
+    cached: dict = {}
 
     def forward(x, *args, **kwargs):
         result = m.base_layer(x, *args, **kwargs)
         if x.shape[0] != rows:
             raise LoraError(f"a routed batch has {x.shape[0]} rows but {rows} adapter names")
-        if not runs:
-            return result
-        if len(runs) == 1 and runs[0][:2] == (0, rows):
-            return result + _lora_delta(m, runs[0][2], x).to(result.dtype)
-        parts, at = [], 0
-        for s, e, name in runs:
-            if s > at:
-                parts.append(result[at:s])
-            parts.append(result[s:e] + _lora_delta(m, name, x[s:e]).to(result.dtype))
-            at = e
-        if at < rows:
-            parts.append(result[at:])
-        return torch.cat(parts)
-
-    return forward
-
-
-def _gathered_forward(m, index: torch.Tensor, adapters: tuple[str, ...]):
-    """LoRA layer `m`'s forward with row k through adapter index[k] (0 = none): each row's A and B gathered,
-    two batched matrix products for the whole batch (the Punica / S-LoRA idea) instead of peft's loop
-    over adapters with masked copies. Equal to peft's mixed batch for plain LoRA (tested to 1e-5)."""
-    cached: dict = {}
-
-    def forward(x, *args, **kwargs):
-        result = m.base_layer(x, *args, **kwargs)
-        if x.shape[0] != index.shape[0]:
-            raise LoraError(f"a routed batch has {x.shape[0]} rows but {index.shape[0]} adapter names")
+        if method == "segments" or one_run or not runs or (
+                torch.is_grad_enabled() and any(m.lora_A[n].weight.requires_grad for _, _, n in runs)):
+            return _segmented(m, runs, x, result)
         A, B, scale = _gather_stacks(m, adapters)
         if "idx" not in cached or cached["idx"].device != x.device:
             cached["idx"] = index.to(x.device)
         idx = cached["idx"]
-        xa = x.to(A.dtype)
-        flat = xa.reshape(x.shape[0], -1, x.shape[-1])                       # [R x L x in]
+        flat = x.to(A.dtype).reshape(x.shape[0], -1, x.shape[-1])             # [R x L x in]
         h = torch.bmm(flat, A[idx].transpose(1, 2))                          # [R x L x r]
         d = torch.bmm(h, B[idx].transpose(1, 2)) * scale[idx].view(-1, 1, 1)  # [R x L x out]
         return result + d.reshape(*result.shape).to(result.dtype)
@@ -500,18 +493,18 @@ def _gathered_forward(m, index: torch.Tensor, adapters: tuple[str, ...]):
 
 
 @contextmanager
-def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = None, method: str = "auto"):
+def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = None, method: str = "gather"):
     """Inside the block, row k of every forward batch goes through LoRA adapter adapter_names[k]
     ("__base__" = none) in every peft LoRA layer of `model`. diffusers has no public switch for this
     (`cross_attention_kwargs` does not route adapters).
 
-    method "auto" (default): "segments" when the rows come grouped (at most two contiguous runs per adapter,
-    as a composition stacks them: `grouped`), else "gather". "segments": each Linear LoRA layer runs every
-    contiguous run of rows through its adapter's A and B (`_segmented_forward`). "gather": each Linear LoRA
-    layer gathers its rows' A and B and runs two batched matrix products (`_gathered_forward`; for rows in any
-    order). Layers these do not cover (convolutions, DoRA and other peft variants, dropout in training mode)
-    take peft's path. "peft": peft's mixed-batch forward (`LoraLayer._mixed_batch_forward`, a loop over
-    adapters with masked copies) everywhere. All are equal to peft's mixed batch for plain LoRA (tests).
+    method "gather" (default): each Linear LoRA layer gathers its rows' A and B and runs two batched matrix
+    products (`_routed_forward`; one adapter for all rows, or gradients on the LoRA weights: a matrix product
+    pair per contiguous run instead). "segments": a matrix product pair per contiguous run of rows always (on
+    the CPU bench it beats the gather only when all rows take one adapter, docs/benchmarks.md). Layers these do
+    not cover (convolutions, DoRA and other peft variants, dropout in training mode) take peft's path. "peft":
+    peft's mixed-batch forward (`LoraLayer._mixed_batch_forward`, a loop over adapters with masked copies)
+    everywhere. All equal peft's mixed batch for plain LoRA (tests/compose/test_scale.py).
 
     Independent of peft's active-adapter state: an adapter not named for a row never touches it.
     Every batch the model's layers see inside the block must have len(adapter_names) rows. Raises
@@ -544,7 +537,6 @@ def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = Non
     adapters = tuple(sorted(wanted))
     position = {a: k for k, a in enumerate(adapters, start=1)}
     index = torch.tensor([position.get(n, 0) for n in names], dtype=torch.long, device="cpu")
-    segments = method == "segments" or (method == "auto" and grouped(index))
     hook = partial(_adapter_names_hook, adapter_names=names)
     handles, patched = [], []
     try:
@@ -554,7 +546,7 @@ def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = Non
                      and not any(a in m.lora_variant for a in present)  # DoRA & co: peft's own forward
                      and (not m.training or all(isinstance(m.lora_dropout[a], torch.nn.Identity) for a in present)))
             if plain:
-                m.forward = (_segmented_forward if segments else _gathered_forward)(m, index, adapters)
+                m.forward = _routed_forward(m, index, adapters, method)
                 patched.append(m)
             else:
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
