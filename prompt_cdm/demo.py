@@ -43,7 +43,7 @@ class DemoError(ValueError):
 
 @dataclass
 class DemoConfig:
-    """What `prompt-cdm demo` runs. Defaults: about 10-12 minutes on one core of a 2-core machine (docs/results.md, "The demo")."""
+    """What `prompt-cdm demo` runs. Defaults: 10-12 minutes on one core of a 2-core machine (docs/results.md)."""
 
     out: str = field(default="demo_out", metadata={"help": "output folder (re-use it to resume / reuse adapters)"})
     domains: tuple[str, ...] = field(default=DEFAULT_DOMAINS, metadata={"help": "source domains, one source each"})
