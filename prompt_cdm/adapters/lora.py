@@ -460,16 +460,18 @@ def _segmented(m, runs: list[tuple[int, int, str]], x: torch.Tensor, result: tor
     return torch.cat(parts)
 
 
-def _routed_forward(m, index: torch.Tensor, adapters: tuple[str, ...], method: str):
+def _routed_forward(m, index: torch.Tensor, index_runs: list[tuple[int, int, int]], adapters: tuple[str, ...],
+                    method: str):
     """LoRA layer `m`'s forward with row k through adapter index[k] (0 = none).
 
     "gather": each row's A and B gathered, two batched matrix products for the whole batch (the Punica / S-LoRA
     idea) instead of peft's loop over adapters with masked copies; when every row takes one adapter (one run)
     or gradients must reach the LoRA weights (the gathered stacks are detached copies), the segmented
     computation instead. "segments": always the segmented computation (`_segmented`), a pair of matrix products
-    per contiguous run of rows. Both equal peft's mixed batch for plain LoRA (tested to 1e-5)."""
-    runs = [(s, e, adapters[k - 1]) for s, e, k in _runs(index) if k and adapters[k - 1] in m.lora_A]
-    one_run = len(_runs(index)) == 1
+    per contiguous run of rows. Both equal peft's mixed batch for plain LoRA (tested to 1e-5). index_runs:
+    `_runs(index)`, the same for every layer of one routing."""
+    runs = [(s, e, adapters[k - 1]) for s, e, k in index_runs if k and adapters[k - 1] in m.lora_A]
+    one_run = len(index_runs) == 1
     rows = index.shape[0]
     cached: dict = {}
 
@@ -537,6 +539,7 @@ def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = Non
     adapters = tuple(sorted(wanted))
     position = {a: k for k, a in enumerate(adapters, start=1)}
     index = torch.tensor([position.get(n, 0) for n in names], dtype=torch.long, device="cpu")
+    index_runs = _runs(index)
     hook = partial(_adapter_names_hook, adapter_names=names)
     handles, patched = [], []
     try:
@@ -546,7 +549,7 @@ def route_rows(model, adapter_names: Sequence[str], error: type[Exception] = Non
                      and not any(a in m.lora_variant for a in present)  # DoRA & co: peft's own forward
                      and (not m.training or all(isinstance(m.lora_dropout[a], torch.nn.Identity) for a in present)))
             if plain:
-                m.forward = _routed_forward(m, index, adapters, method)
+                m.forward = _routed_forward(m, index, index_runs, adapters, method)
                 patched.append(m)
             else:
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
