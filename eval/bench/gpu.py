@@ -180,6 +180,10 @@ def routing(pipe, bare_unet, sources: list, ns: list[int], repeats: int, rows: i
     x = torch.randn(rows, c, s, s, generator=g, device="cpu").to(device, dtype)
     e = torch.randn(rows, 77, pipe.unet.config.cross_attention_dim, generator=g, device="cpu").to(device, dtype)
     t = torch.tensor(500, device=device)
+    def bare():
+        with torch.no_grad():
+            bare_unet(x, t, encoder_hidden_states=e)
+
     out = []
     for n in ns:
         for layout in ("interleaved", "grouped"):
@@ -187,10 +191,6 @@ def routing(pipe, bare_unet, sources: list, ns: list[int], repeats: int, rows: i
                 continue  # one adapter: the two layouts are the same rows
             pick = (lambda k: k % n) if layout == "interleaved" else (lambda k: k * n // rows)
             names = [sources[pick(k)].handle for k in range(rows)]
-
-            def bare():
-                with torch.no_grad():
-                    bare_unet(x, t, encoder_hidden_states=e)
 
             def routed(method, names=names):
                 def call():
@@ -248,9 +248,9 @@ def table(res: dict) -> str:
         lines += ["(c) LoRA routing over the bare UNet on the same rows", "",
                   "| n | rows | layout | bare s | " + " | ".join(f"{m} s | {m} overhead" for m in ROUTING_METHODS)
                   + " |", "|---|---|---|---|" + "---|---|" * len(ROUTING_METHODS)]
-        lines += [f"| {r['n']} | {r['rows']} | {r.get('layout', 'interleaved')} | {r['bare_s']:.3f} | "
-                  + " | ".join(f"{r[m + '_s']:.3f} | {100 * r[m + '_overhead']:.0f}%" if m + "_s" in r else "- | -"
-                               for m in ROUTING_METHODS) + " |" for r in res["routing"]]
+        lines += [f"| {r['n']} | {r['rows']} | {r['layout']} | {r['bare_s']:.3f} | "
+                  + " | ".join(f"{r[m + '_s']:.3f} | {100 * r[m + '_overhead']:.0f}%" for m in ROUTING_METHODS)
+                  + " |" for r in res["routing"]]
         lines += [""]
     if res.get("training"):
         t = res["training"]

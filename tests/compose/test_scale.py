@@ -198,7 +198,7 @@ def _random_loras(pipe, configs):
 @pytest.mark.parametrize("layout", ["interleaved", "grouped"])
 def test_routing_methods_equal_peft_mixed_batch(layout):
     """Ranks 2/4/8, a text-encoder LoRA, an adapter on to_q/to_v only (absent from other layers), rows without
-    adapter, in any order or grouped by adapter as a composition stacks them: the segmented, gathered and
+    adapter, in any order or grouped by adapter as a composition stacks them: the segmented and the gathered
     paths equal peft's mixed batch to 1e-5 on the UNet and the text encoder."""
     pipe = _tiny()
     _random_loras(pipe, {"r2": LoraAdapterConfig(rank=2, alpha=2.0),
