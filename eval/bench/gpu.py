@@ -278,6 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tables", default="a,b,c,d", help="which of the tables a, b, c, d to measure")
     p.add_argument("--out", default=None, help="write results.json and results.md here")
     a = p.parse_args(argv)
+    tables = set(a.tables.split(","))
+    if tables - set("abcd"):
+        p.error(f"--tables takes a, b, c, d; got {a.tables}")
+    if a.routing_rows < 1:
+        p.error(f"--routing-rows must be at least 1; got {a.routing_rows}")
     from prompt_cdm.backbone.placement import Placement
 
     device, dtype = Placement(a.device, a.dtype).resolve()
@@ -290,9 +295,6 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = backbone(name, size, a.device, a.dtype)
     res = {"command": cmd, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "backbone": name,
            "size": size, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    tables = set(a.tables.split(","))
-    if tables - set("abcd"):
-        p.error(f"--tables takes a, b, c, d; got {a.tables}")
     with tempfile.TemporaryDirectory() as tmp:
         if "a" in tables:
             res["one_adapter"] = one_adapter(pipe, a.steps, a.repeats, Path(tmp))

@@ -19,3 +19,14 @@ def test_routing_table_times_every_method_and_layout():
     assert "(c) LoRA routing" in text and "(a)" not in text and "(b)" not in text
     assert text.count("| grouped |") == 1 and text.count("| interleaved |") == 2
     assert "segments s" in text.splitlines()[6]
+
+
+def test_bad_table_or_row_count_is_refused_before_the_backbone_loads(monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.setattr(gpu, "backbone", lambda *a, **k: pytest.fail("the backbone loaded before the check"))
+    for args, message in ((["--tables", "c,e"], "--tables takes a, b, c, d"),
+                          (["--routing-rows", "0"], "--routing-rows must be at least 1")):
+        with pytest.raises(SystemExit) as e:
+            gpu.main(["--device", "cpu", *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err
